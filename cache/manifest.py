@@ -1,0 +1,108 @@
+"""The cache manifest: what a cache holds and what made it.
+
+`manifest.json` is the cache's table of contents and its proof of origin. Consumers read it
+first and refuse a cache whose schema version, width or stage-1 fingerprint does not fit.
+It is replaced atomically (temporary name, then rename), so a reader never sees half of one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete, corrupted or incompatible (one-line message)."""
+
+
+@dataclass
+class ShardRecord:
+    """One HDF5 shard: its file (relative to the cache root), kind, split, rows and checksum."""
+
+    file: str
+    kind: str  # "text" | "video"
+    split: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """Everything a consumer needs to trust and interpret a cache."""
+
+    width: int  # joint feature width D
+    n_words: int  # word slots L per caption (padded)
+    n_frames: int  # frame slots F per video (padded)
+    model: dict  # {"name", "pretrained", "fingerprint"}
+    extract_config: dict
+    dataset: str = ""
+    dtype: str = "float16"
+    schema_version: int = SCHEMA_VERSION
+    splits: dict = field(default_factory=dict)  # split -> {"captions": n, "videos": n}
+    shards: list[ShardRecord] = field(default_factory=list)
+    logit_scale: float = 100.0  # stage-1 logit scale, for the revisers that use scaled scores
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.model.get("fingerprint", ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        d = dict(d)
+        d["shards"] = [ShardRecord(**s) for s in d.get("shards", [])]
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(root: Path, manifest: Manifest) -> Path:
+    path = Path(root) / MANIFEST_NAME
+    atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Read and sanity-check `root/manifest.json`; raise CacheError with a one-line reason."""
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise CacheError(f"{root} is not a directory, so it is not a diffret cache")
+    if not path.is_file():
+        raise CacheError(f"{root} is not a diffret cache: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        manifest = Manifest.from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise CacheError(f"{path} is not a valid cache manifest: {e}") from None
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise CacheError(
+            f"{root} has cache schema version {manifest.schema_version}, this diffret reads "
+            f"version {SCHEMA_VERSION}; re-run `diffret extract` to rebuild it"
+        )
+    return manifest
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,72 @@
+"""HDF5 tensor shards: dense float16 arrays, chunked along the row axis, written atomically.
+
+A shard is one `.h5` file holding a fixed set of same-length datasets (one row per caption or
+per video). It is written under a temporary name and renamed only once complete and flushed,
+so a visible shard is always a whole one. Layout per kind:
+
+    text  : sentence [N, D] f16, words [N, L, D] f16, word_mask [N, L] u8, word_logits [N, L] f16
+    video : frames [N, F, D] f16, frame_mask [N, F] u8, frame_logits [N, F] f16
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+TEXT_FIELDS = ("sentence", "words", "word_mask", "word_logits")
+VIDEO_FIELDS = ("frames", "frame_mask", "frame_logits")
+FIELDS = {"text": TEXT_FIELDS, "video": VIDEO_FIELDS}
+MASK_FIELDS = ("word_mask", "frame_mask")
+ROW_CHUNK = 256  # rows per HDF5 chunk
+
+
+def shard_name(kind: str, split: str, index: int) -> str:
+    return f"{kind}-{split}-{index:05d}.h5"
+
+
+def field_dtype(name: str, float_dtype: str = "float16") -> np.dtype:
+    return np.dtype(np.uint8) if name in MASK_FIELDS else np.dtype(float_dtype)
+
+
+def write_shard(path: Path, kind: str, arrays: dict[str, np.ndarray], float_dtype: str = "float16") -> int:
+    """Write one shard atomically; returns its row count. `arrays` maps every field of `kind`."""
+    path = Path(path)
+    names = FIELDS[kind]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise ValueError(f"{kind} shard needs fields {missing}")
+    rows = {len(arrays[n]) for n in names}
+    if len(rows) != 1:
+        raise ValueError(f"{kind} shard fields have different row counts: {sorted(rows)}")
+    n = rows.pop()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["kind"] = kind
+            f.attrs["rows"] = n
+            for name in names:
+                a = np.ascontiguousarray(arrays[name], dtype=field_dtype(name, float_dtype))
+                chunks = (max(1, min(n, ROW_CHUNK)),) + a.shape[1:] if n else None
+                f.create_dataset(name, data=a, chunks=chunks)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return n
+
+
+def read_shard(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Read whole datasets of one shard into memory (as stored: float16 / uint8)."""
+    with h5py.File(path, "r") as f:
+        names = names or tuple(f.keys())
+        return {n: f[n][...] for n in names}
+
+
+def shard_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and dtype of each dataset, without reading data."""
+    with h5py.File(path, "r") as f:
+        return {n: (tuple(f[n].shape), str(f[n].dtype)) for n in f.keys()}

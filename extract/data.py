@@ -1,0 +1,55 @@
+"""Torch datasets that decode videos in DataLoader worker processes.
+
+Each item decodes one video with its own decord reader (no shared state between workers).
+A video that cannot be read yields an all-False mask and a one-line reason instead of raising,
+so one broken file never stops a run: the caller drops it and records the failure.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .video import FrameSpec, VideoDecodeError, read_frames
+
+
+def _decode(path: Path, spec: FrameSpec) -> tuple[torch.Tensor, torch.Tensor, str]:
+    try:
+        frames, mask = read_frames(path, spec)
+        return frames, mask, ""
+    except VideoDecodeError as e:
+        reason = e.reason
+    except Exception as e:  # decoder bugs on odd files: record, never crash the run
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+    blank = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
+    return blank, torch.zeros(spec.n_frames, dtype=torch.bool), reason
+
+
+class VideoClips(Dataset):
+    """Item i = (frames uint8 [F, 3, S, S], mask bool [F], i, reason) for paths[i]."""
+
+    def __init__(self, paths: list[Path], spec: FrameSpec):
+        self.paths = list(paths)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        frames, mask, reason = _decode(self.paths[i], self.spec)
+        return frames, mask, i, reason
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)
+
+
+def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False):
+    """DataLoader over VideoClips; `workers` decoding processes, one decoding thread each."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        VideoClips(paths, spec), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+        num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,123 @@
+"""The stage-1 model of DiffusionRet: CLIP towers, a temporal transformer, the WTI head.
+
+    text  [B, L] token ids  -> word tokens [B, L, D] (all positions, projected), EOT = sentence
+    video [B, F, 3, H, W]   -> per-frame CLS [B, F, D] -> temporal transformer (+ residual)
+    head: word / frame weight logits from two MLPs (D -> 2D -> ReLU -> 1); score = WTI
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffret.cache.wti import wti_similarity
+
+from .backbone import text_tokens
+
+
+class TemporalTransformer(nn.Module):
+    """Transformer over per-frame features with frame position embeddings and a residual.
+
+    Initialised from the first `layers` blocks of the CLIP text transformer and its positional
+    embedding when their width matches the joint width (as the original); else random.
+    """
+
+    def __init__(self, clip: nn.Module, width: int, max_frames: int, layers: int = 4, heads: int = 8):
+        super().__init__()
+        text_blocks = clip.transformer.resblocks
+        self.frame_position_embeddings = nn.Embedding(max_frames, width)
+        if clip.transformer.width == width and len(text_blocks) >= layers:
+            self.blocks = nn.ModuleList(copy.deepcopy(text_blocks[i]) for i in range(layers))
+            self.heads = text_blocks[0].attn.num_heads
+            pos = clip.positional_embedding.detach()
+            n = min(max_frames, pos.shape[0])
+            with torch.no_grad():
+                self.frame_position_embeddings.weight[:n] = pos[:n]
+        else:
+            from open_clip.transformer import ResidualAttentionBlock
+
+            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+            self.heads = heads
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, F, D], mask [B, F] bool (True = real frame) -> [B, F, D]."""
+        B, Fn, _ = x.shape
+        h = x + self.frame_position_embeddings.weight[:Fn].to(x.dtype)
+        # Additive key mask, one copy per head: padded frames are never attended to.
+        bias = torch.zeros(B, 1, 1, Fn, dtype=x.dtype, device=x.device).masked_fill(~mask[:, None, None, :], -1e4)
+        bias = bias.expand(B, self.heads, Fn, Fn).reshape(B * self.heads, Fn, Fn)
+        for blk in self.blocks:
+            h = blk(h, attn_mask=bias)
+        return h + x
+
+
+def weight_mlp(width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(inplace=True), nn.Linear(2 * width, 1))
+
+
+class Stage1Model(nn.Module):
+    """CLIP + temporal transformer + WTI head; produces exactly what the cache stores."""
+
+    def __init__(self, clip: nn.Module, max_frames: int = 12, temporal_layers: int = 4):
+        super().__init__()
+        self.clip = clip
+        width = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else clip.embed_dim
+        self.width = int(width)
+        self.temporal = TemporalTransformer(clip, self.width, max_frames, layers=temporal_layers)
+        self.text_weight_fc = weight_mlp(self.width)
+        self.video_weight_fc = weight_mlp(self.width)
+
+    def new_modules(self) -> list[nn.Module]:
+        """Modules that are not part of CLIP (trained at the full learning rate)."""
+        return [self.temporal, self.text_weight_fc, self.video_weight_fc]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp().clamp(max=100.0)
+
+    def encode_text(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """tokens [B, L] -> sentence [B, D], words [B, L, D], word_mask [B, L], word_logits [B, L]."""
+        words = text_tokens(self.clip, tokens).float()
+        mask = tokens != 0
+        eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+        sentence = words[torch.arange(len(tokens), device=tokens.device), eot]
+        logits = self.text_weight_fc(words).squeeze(-1)
+        return {"sentence": sentence, "words": words, "word_mask": mask, "word_logits": logits}
+
+    def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """frames [B, F, 3, H, W] normalised, mask [B, F] bool -> frames [B, F, D], frame_logits [B, F]."""
+        B, Fn = frames.shape[:2]
+        cls = self.clip.encode_image(frames.flatten(0, 1)).float().view(B, Fn, -1)
+        cls = cls * mask[..., None]
+        out = self.temporal(cls, mask)
+        logits = self.video_weight_fc(out).squeeze(-1)
+        return {"frames": out, "frame_mask": mask, "frame_logits": logits}
+
+    @staticmethod
+    def similarity(text: dict[str, torch.Tensor], video: dict[str, torch.Tensor]) -> torch.Tensor:
+        """WTI score matrix [Bt, Bv] between encoded texts and videos."""
+        return wti_similarity(
+            text["words"], text["word_mask"], text["word_logits"],
+            video["frames"], video["frame_mask"], video["frame_logits"],
+        )
+
+
+def info_nce(sim: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over a square score matrix whose diagonal holds the positives."""
+    logits = sim * logit_scale
+    target = torch.arange(len(sim), device=sim.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the state dict (names, shapes, bytes): identifies the exact stage-1 weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,204 @@
+"""Video decoding and CLIP frame preprocessing (decord).
+
+`read_frames` opens one file, samples up to `n_frames` frames, resizes their shortest side to
+`size` (bicubic, antialiased, as PIL/torchvision do for CLIP) and centre-crops them, returning
+uint8 frames plus a mask for the padded slots. Frames decord 0.6 cannot deliver (its
+width-alignment bug, some damaged streams) are decoded again with PyAV. It keeps no global state, so it is safe to call
+from DataLoader worker processes. `normalize` turns the uint8 frames into model input.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be read. `reason` is a one-line cause, e.g. "file not found"."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class FrameSpec:
+    """How frames are sampled and shaped for the image encoder."""
+
+    n_frames: int = 12  # frame slots per video (padded, masked)
+    size: int = 224  # shortest side resized to `size` (bicubic), then centre crop size x size
+    target_fps: float | None = 1.0  # None: uniform over the whole video (see sample_frame_indices)
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+
+    def __post_init__(self):
+        if self.n_frames < 1:
+            raise ValueError(f"n_frames must be >= 1, got {self.n_frames}")
+        if self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.target_fps is not None and not self.target_fps > 0:
+            raise ValueError(f"target_fps must be > 0 or None, got {self.target_fps}")
+
+
+def sample_frame_indices(
+    num_frames_total: int, native_fps: float, n_frames: int, target_fps: float | None = 1.0
+) -> list[int]:
+    """Sorted, distinct frame indices to decode; never empty when num_frames_total >= 1.
+
+    target_fps set (the original DiffusionRet/CLIP4Clip rule): candidates are frames
+    round(i * native_fps / target_fps) for i = 0, 1, ... while < num_frames_total (1 per second
+    by default). More than `n_frames` candidates: subsample them uniformly to `n_frames`
+    (candidates[round(linspace(0, len - 1, n_frames))]). Fewer: return them all; the caller pads
+    the remaining slots and masks them out. So a 3 s clip gives 3 frames at 1 fps.
+
+    target_fps None: min(n_frames, total) frames spread uniformly over the whole video,
+    round(linspace(0, total - 1, n)); `native_fps` is ignored. Use it for short clips, where
+    1 fps yields too few frames for the temporal model.
+
+    Rounding is numpy's (half to even).
+    """
+    total = int(num_frames_total)
+    if total < 1:
+        raise ValueError(f"num_frames_total must be >= 1, got {num_frames_total}")
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    if target_fps is None:
+        idx = np.rint(np.linspace(0, total - 1, min(n_frames, total)))
+        return sorted({int(i) for i in idx})
+    if not (target_fps > 0 and math.isfinite(native_fps) and native_fps > 0):
+        raise ValueError(f"need native_fps > 0 and target_fps > 0, got {native_fps} and {target_fps}")
+    step = native_fps / target_fps
+    cand = np.rint(np.arange(math.ceil(total / step) + 1) * step).astype(np.int64)
+    cand = np.unique(cand[cand < total])  # unique also sorts; repeats only if step < 1
+    if len(cand) > n_frames:
+        cand = cand[np.rint(np.linspace(0, len(cand) - 1, n_frames)).astype(np.int64)]
+    return [int(i) for i in cand]
+
+
+def _first_line(e: BaseException) -> str:
+    """First line of an exception message without decord's "[hh:mm:ss] file.cc:123: " prefix."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", line).strip() or type(e).__name__
+
+
+def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
+    """The sampled frames of `path` as uint8 [k, H, W, 3] (RGB), k <= spec.n_frames."""
+    import decord  # imported lazily: decord is only needed where videos are decoded
+
+    if not path.is_file():
+        raise VideoDecodeError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise VideoDecodeError(path, "empty file (0 bytes)")
+    try:
+        vr = decord.VideoReader(str(path), num_threads=1)
+    except Exception as e:  # decord raises plain RuntimeError/DECORDError
+        raise VideoDecodeError(path, f"cannot open: {_first_line(e)}") from None
+    try:
+        total, fps = len(vr), float(vr.get_avg_fps())
+        if total < 1:
+            raise VideoDecodeError(path, "no frames")
+        if spec.target_fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise VideoDecodeError(path, f"invalid frame rate {fps}")
+        indices = sample_frame_indices(total, fps, spec.n_frames, spec.target_fps)
+        try:
+            batch = vr.get_batch(indices)
+            # asnumpy() for decord's native bridge; np.asarray if someone set another bridge
+            arr = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+            reason = None if _good_shape(arr, len(indices)) else f"unexpected decoded shape {tuple(arr.shape)}"
+        except Exception as e:
+            reason = _first_line(e)
+    finally:
+        # Release the reader (and its decoder thread) now, even when raising: kept alive by an
+        # exception's traceback in a DataLoader's parent process, it would be garbage-collected
+        # in a forked worker, which then aborts ("std::system_error: No such process").
+        del vr
+    if reason is not None:
+        # decord 0.6 fails on some frame widths (16, 24, 48, 72 px: "from_size == to_size",
+        # dmlc/decord#336) and on some damaged streams; PyAV decodes those frames instead.
+        arr = _decode_pyav(path, indices)
+        if arr is None or not _good_shape(arr, len(indices)):
+            raise VideoDecodeError(path, f"cannot decode frames {indices[0]}..{indices[-1]} of {total}: {reason}")
+    return arr
+
+
+def _good_shape(arr: np.ndarray, k: int) -> bool:
+    return arr.ndim == 4 and arr.shape[0] == k and arr.shape[-1] == 3 and arr.dtype == np.uint8 and 0 not in arr.shape
+
+
+def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
+    """Frames `indices` (sorted) of `path` as uint8 [k, H, W, 3] by sequential PyAV decoding;
+    None if PyAV is missing, cannot decode the file, or the stream ends before the last index."""
+    try:
+        import av
+    except ImportError:
+        return None
+    want, last, out = set(indices), indices[-1], {}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = 1
+            for i, frame in enumerate(container.decode(stream)):
+                if i in want:
+                    out[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+    except Exception:  # av.error.FFmpegError and friends; the caller reports decord's reason
+        return None
+    if len(out) != len(indices):
+        return None
+    return np.stack([out[i] for i in indices])
+
+
+def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [k, 3, H, W] -> uint8 [k, 3, size, size]: shortest side to `size`, centre crop.
+
+    Bicubic with antialiasing (torch's antialiased bicubic matches PIL's, which CLIP used); the
+    long side becomes int(size * long / short) and the crop offset round((dim - size) / 2), as
+    torchvision.transforms.Resize + CenterCrop compute them.
+    """
+    h, w = frames.shape[-2:]
+    short, long = (h, w) if h <= w else (w, h)
+    new_short, new_long = size, int(size * long / short)
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(frames.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        frames = x.clamp_(0, 255).round_().to(torch.uint8)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return frames[..., top : top + size, left : left + size].contiguous()
+
+
+def read_frames(path, spec: FrameSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode, sample and crop one video.
+
+    Returns (frames uint8 [n_frames, 3, size, size], mask bool [n_frames]): the first k slots
+    hold the sampled frames in time order (mask True), the rest are zeros (mask False).
+    Raises VideoDecodeError (one-line `reason`) for a missing, empty, unreadable or frameless file.
+    """
+    path = Path(path)
+    arr = _decode(path, spec)
+    k = arr.shape[0]
+    frames = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
+    frames[:k] = resize_center_crop(torch.from_numpy(arr).permute(0, 3, 1, 2), spec.size)
+    mask = torch.zeros(spec.n_frames, dtype=torch.bool)
+    mask[:k] = True
+    return frames, mask
+
+
+def normalize(frames_uint8: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 [..., 3, H, W]: x / 255, then (x - mean) / std per channel."""
+    if frames_uint8.ndim < 3 or frames_uint8.shape[-3] != 3:
+        raise ValueError(f"expected frames shaped [..., 3, H, W], got {tuple(frames_uint8.shape)}")
+    x = frames_uint8.to(torch.float32) / 255.0
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,45 @@
+"""Generator run folders: `generator.pt` (both denoisers' weights) and `generator.json` (config,
+width, parameter counts, the cache it was trained on). Both are written atomically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import GeneratorConfig
+from .denoiser import T2VDenoiser, V2TDenoiser
+
+WEIGHTS_NAME = "generator.pt"
+META_NAME = "generator.json"
+
+
+class GeneratorError(RuntimeError):
+    """A generator folder that is missing or unreadable (one-line message)."""
+
+
+def save_generator(out: Path, t2v: nn.Module, v2t: nn.Module, meta: dict) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    torch.save({"t2v": t2v.state_dict(), "v2t": v2t.state_dict(), "meta": meta}, tmp)
+    tmp.replace(out / WEIGHTS_NAME)
+    tmp = out / f".{META_NAME}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out / META_NAME)
+
+
+def load_generator(folder: Path, device="cpu") -> tuple[GeneratorConfig, T2VDenoiser, V2TDenoiser, dict]:
+    """-> (config, t2v, v2t, meta) with both denoisers in eval mode on `device`."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise GeneratorError(f"{folder} holds no trained generator ({WEIGHTS_NAME} is missing)")
+    state = torch.load(path, map_location=device, weights_only=False)
+    meta = state["meta"]
+    cfg = GeneratorConfig(**meta["config"])
+    t2v, v2t = T2VDenoiser(meta["width"], cfg.temp), V2TDenoiser(meta["width"], cfg.temp)
+    t2v.load_state_dict(state["t2v"])
+    v2t.load_state_dict(state["v2t"])
+    return cfg, t2v.to(device).eval(), v2t.to(device).eval(), meta

@@ -1,0 +1,197 @@
+"""Reverse-process samplers for an x0-predicting model, decoupled from the model.
+
+A sampler holds a :class:`NoiseSchedule` and a list of (strided) timesteps. It
+calls ``model_fn(x_t, t_batch) -> x0_pred`` and never sees the model itself.
+
+Both samplers follow diffusers (``DDIMScheduler`` / ``DDPMScheduler`` with
+``prediction_type="sample"``, ``timestep_spacing="leading"``, ``steps_offset=0``,
+``clip_sample_range=1.0``) step for step; the tests check this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .schedule import NoiseSchedule
+
+__all__ = ["leading_timesteps", "DDIMSampler", "DDPMSampler", "make_sampler"]
+
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def leading_timesteps(num_train_timesteps: int, num_inference_steps: int | None = None) -> Tensor:
+    """diffusers' "leading" spacing: arange(S) * (T // S), descending -> LongTensor [S].
+
+    S = T when ``num_inference_steps`` is None; S > T or S < 1 raises ValueError.
+    """
+    T = int(num_train_timesteps)
+    S = T if num_inference_steps is None else int(num_inference_steps)
+    if S < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {S}")
+    if S > T:
+        raise ValueError(f"num_inference_steps ({S}) cannot exceed the schedule's training steps ({T})")
+    return (torch.arange(S, dtype=torch.long) * (T // S)).flip(0)
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
+    """Gaussian noise drawn on the generator's device, then moved (like diffusers' randn_tensor)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draw_on = generator.device if generator is not None else device
+    out = torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=dtype)
+    return out.to(device)
+
+
+class _Sampler:
+    """Shared timestep bookkeeping and the sampling loop."""
+
+    def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None, clip_sample: bool = True):
+        self.schedule = schedule
+        self.clip_sample = bool(clip_sample)
+        self.timesteps = leading_timesteps(schedule.num_train_timesteps, num_inference_steps)
+        self.num_inference_steps = int(self.timesteps.numel())
+        self.step_ratio = schedule.num_train_timesteps // self.num_inference_steps
+        self._acp = [float(a) for a in schedule.alphas_cumprod]  # float64 precision, Python floats
+
+    def _clip(self, x0_pred: Tensor) -> Tensor:
+        return x0_pred.clamp(-1.0, 1.0) if self.clip_sample else x0_pred
+
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def sample(
+        self,
+        model_fn: ModelFn,
+        shape,
+        generator: torch.Generator | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Run the reverse chain from x_T ~ N(0, I) of ``shape`` ([B, K]).
+
+        Calls ``model_fn(x_t [B, K], t_batch LongTensor [B]) -> x0_pred [B, K]`` once per timestep
+        and returns the last x0 prediction (clamped to [-1, 1] when ``clip_sample``), which is what
+        retrieval ranks by. The final ``step`` is skipped: its x_prev is never used. Gradients are
+        not disabled here; wrap the call in ``torch.inference_mode()`` for evaluation.
+        """
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        x_t = _randn(shape, generator, device, dtype)
+        x0 = x_t
+        last = self.num_inference_steps - 1
+        for i, t in enumerate(self.timesteps.tolist()):
+            # stride-0 LongTensor [B]: every row shares t, which the denoisers exploit
+            t_batch = torch.full((1,), t, dtype=torch.long, device=device).expand(shape[0])
+            x0_pred = model_fn(x_t, t_batch)
+            if i == last:
+                x0 = self._clip(x0_pred)
+            else:
+                x_t = self.step(x0_pred, t, x_t, generator=generator)
+        return x0
+
+
+class DDIMSampler(_Sampler):
+    """DDIM (Song et al. 2021) for an x0-predicting model; ``eta=0`` is deterministic.
+
+    Matches ``diffusers.DDIMScheduler(prediction_type="sample", clip_sample=True,
+    clip_sample_range=1.0, timestep_spacing="leading", steps_offset=0,
+    set_alpha_to_one=set_alpha_to_one)`` with ``use_clipped_model_output=use_clipped_model_output``.
+
+    "Previous alpha" at the last timestep (t=0, whose previous step is -1):
+    ``set_alpha_to_one=True`` (default) uses alpha_bar_prev = 1, so the final x_prev equals the
+    (clipped) x0 prediction, which is also what guided-diffusion's DDIM loop (used by the original
+    DiffusionRet) does; False uses alpha_bar_0. The choice only changes the last x_prev, which
+    :meth:`sample` discards, so retrieval scores do not depend on it.
+
+    ``use_clipped_model_output=False`` (diffusers' default) re-derives epsilon from the *unclipped*
+    x0 prediction; True re-derives it from the clipped one (guided-diffusion's behaviour).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        use_clipped_model_output: bool = False,
+    ):
+        super().__init__(schedule, num_inference_steps, clip_sample)
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        self.eta = float(eta)
+        self.set_alpha_to_one = bool(set_alpha_to_one)
+        self.use_clipped_model_output = bool(use_clipped_model_output)
+        self.final_alpha_cumprod = 1.0 if set_alpha_to_one else self._acp[0]
+
+    def _alpha_prev(self, t: int) -> float:
+        prev = t - self.step_ratio
+        return self._acp[prev] if prev >= 0 else self.final_alpha_cumprod
+
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> x_{t - T//S} [B, ...]."""
+        t = int(t)
+        a_t, a_prev = self._acp[t], self._alpha_prev(t)
+        x0 = self._clip(x0_pred)
+        eps_src = x0 if self.use_clipped_model_output else x0_pred
+        eps = (x_t - math.sqrt(a_t) * eps_src) / math.sqrt(1.0 - a_t)
+        var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+        std = self.eta * math.sqrt(var)
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - std**2, 0.0)) * eps
+        if self.eta > 0:
+            x_prev = x_prev + std * _randn(x0_pred.shape, generator, x0_pred.device, x0_pred.dtype)
+        return x_prev
+
+
+class DDPMSampler(_Sampler):
+    """Ancestral DDPM sampling with the posterior ("fixed_small") variance, x0-prediction.
+
+    Strided steps are allowed: with S < T inference steps the chain jumps between the
+    "leading" timesteps and uses beta'_t = 1 - alpha_bar_t / alpha_bar_prev for the jump, exactly
+    as ``diffusers.DDPMScheduler(prediction_type="sample", variance_type="fixed_small")`` after
+    ``set_timesteps(S)``. alpha_bar_prev is 1 after the last step. No noise is added at t = 0.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None, clip_sample: bool = True):
+        super().__init__(schedule, num_inference_steps, clip_sample)
+
+    def posterior(self, x0_pred: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, float]:
+        """Mean [B, ...] and variance (float) of q(x_prev | x_t, x0 = clip(x0_pred))."""
+        t = int(t)
+        prev = t - self.step_ratio
+        a_t = self._acp[t]
+        a_prev = self._acp[prev] if prev >= 0 else 1.0
+        cur_alpha = a_t / a_prev
+        cur_beta = 1.0 - cur_alpha
+        x0 = self._clip(x0_pred)
+        c0 = math.sqrt(a_prev) * cur_beta / (1.0 - a_t)
+        ct = math.sqrt(cur_alpha) * (1.0 - a_prev) / (1.0 - a_t)
+        var = max((1.0 - a_prev) / (1.0 - a_t) * cur_beta, 1e-20)
+        return c0 * x0 + ct * x_t, var
+
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> sampled x_prev [B, ...]."""
+        mean, var = self.posterior(x0_pred, t, x_t)
+        if int(t) > 0:
+            mean = mean + math.sqrt(var) * _randn(x0_pred.shape, generator, x0_pred.device, x0_pred.dtype)
+        return mean
+
+
+def make_sampler(
+    name: str,
+    schedule: NoiseSchedule,
+    num_inference_steps: int | None = None,
+    clip_sample: bool = True,
+    eta: float = 0.0,
+):
+    """Build a sampler by name: "ddim" | "ddpm" (eta applies to DDIM only)."""
+    key = name.lower()
+    if key == "ddim":
+        return DDIMSampler(schedule, num_inference_steps, eta=eta, clip_sample=clip_sample)
+    if key == "ddpm":
+        if eta != 0.0:
+            raise ValueError("eta is a DDIM parameter; DDPM sampling has no eta")
+        return DDPMSampler(schedule, num_inference_steps, clip_sample=clip_sample)
+    raise ValueError(f"unknown sampler {name!r}; expected 'ddim' or 'ddpm'")
