@@ -89,14 +89,18 @@ def read_manifest(root: Path) -> Manifest:
         raise CacheError(f"{root} is not a diffret cache: {MANIFEST_NAME} is missing")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        # The version first: another schema may have other fields, and the version is the news.
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise CacheError(
+                f"{root} has cache schema version {version}, this diffret reads "
+                f"version {SCHEMA_VERSION}; re-run `diffret extract` to rebuild it"
+            )
         manifest = Manifest.from_dict(data)
     except (ValueError, TypeError) as e:
         raise CacheError(f"{path} is not a valid cache manifest: {e}") from None
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise CacheError(
-            f"{root} has cache schema version {manifest.schema_version}, this diffret reads "
-            f"version {SCHEMA_VERSION}; re-run `diffret extract` to rebuild it"
-        )
     return manifest
 
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .manifest import CacheError, Manifest, ShardRecord, read_manifest, sha256_file, write_manifest
-from .shards import FIELDS, read_shard, shard_name, write_shard
+from .shards import FIELDS, field_dtype, read_shard, shard_name, write_shard
 
 CAPTIONS_FILE = "captions.parquet"
 VIDEOS_FILE = "videos.parquet"
@@ -203,6 +203,12 @@ class CacheReader:
                 raise CacheError(f"{self.root} is incomplete: shard {rec.file} is missing")
             for k, v in read_shard(path, FIELDS[kind]).items():
                 parts.setdefault(k, []).append(v)
+        if not records:  # the split has rows of the other kind only: empty arrays, right shapes
+            m = self.manifest
+            tail = {"sentence": (m.width,), "words": (m.n_words, m.width), "word_mask": (m.n_words,),
+                    "word_logits": (m.n_words,), "frames": (m.n_frames, m.width), "frame_mask": (m.n_frames,),
+                    "frame_logits": (m.n_frames,)}
+            parts = {k: [np.zeros((0,) + tail[k], field_dtype(k, m.dtype))] for k in FIELDS[kind]}
         arrays = {k: np.concatenate(v) for k, v in parts.items()}
         n = sum(r.rows for r in records)
         if n != index.num_rows:

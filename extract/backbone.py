@@ -6,7 +6,9 @@ for random initialisation (the demo and the tests use the tiny config that way).
 """
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -21,6 +23,18 @@ class BackboneError(RuntimeError):
     """The backbone cannot be built or its weights cannot be loaded (one-line message)."""
 
 
+@contextmanager
+def _quiet_open_clip():
+    """open_clip logs through the root logger; its warnings and errors become our one-line errors."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _no_weights(pretrained: str | None) -> bool:
     return pretrained is None or str(pretrained).lower() in ("", "none", "random")
 
@@ -29,6 +43,11 @@ def build_clip(name: str = "ViT-B-32", pretrained: str | None = "openai") -> nn.
     """Build an open_clip CLIP model; raise BackboneError with a fix when weights are missing."""
     if name not in open_clip.list_models():
         raise BackboneError(f"unknown open_clip model {name!r} (try ViT-B-32, ViT-B-16 or tiny)")
+    with _quiet_open_clip():
+        return _build(name, pretrained)
+
+
+def _build(name: str, pretrained: str | None) -> nn.Module:
     if _no_weights(pretrained):
         return open_clip.create_model(name, pretrained=None)
     if os.path.sep in str(pretrained) or str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors")):

@@ -61,15 +61,14 @@ def clear_errors():
 
 
 def results_table(title: str, results: dict) -> Table:
+    """One line per (row, direction): R@1, R@5, R@10 (percent), MdR, MnR; Rsum per row."""
     table = Table(title=title)
-    table.add_column("row")
-    for d in ("t2v", "v2t"):
-        for m in ("R@1", "R@5", "R@10", "MdR", "MnR"):
-            table.add_column(f"{d} {m}", justify="right")
-    table.add_column("Rsum", justify="right")
+    for col in ("row", "dir", "R@1", "R@5", "R@10", "MdR", "MnR", "Rsum"):
+        table.add_column(col, justify="left" if col in ("row", "dir") else "right", no_wrap=True)
     for row, r in results.items():
-        cells = [f"{r[d][m]:.1f}" for d in ("t2v", "v2t") for m in ("R@1", "R@5", "R@10", "MdR", "MnR")]
-        table.add_row(row, *cells, f"{r['Rsum']:.1f}")
+        for d in ("t2v", "v2t"):
+            cells = [f"{r[d][m]:.1f}" for m in ("R@1", "R@5", "R@10", "MdR", "MnR")]
+            table.add_row(row if d == "t2v" else "", d, *cells, f"{r['Rsum']:.1f}" if d == "t2v" else "")
     return table
 
 

@@ -19,6 +19,8 @@ def ranks(scores: torch.Tensor, positive: torch.Tensor, chunk: int = 4096) -> to
         raise ValueError(f"positive {tuple(positive.shape)} must match scores {tuple(scores.shape)}")
     if not positive.any(dim=1).all():
         raise ValueError("every query needs at least one ground-truth candidate")
+    if torch.isnan(scores).any():  # a NaN never compares higher: it would pass for a perfect rank
+        raise ValueError(f"scores contain {int(torch.isnan(scores).sum())} NaN values")
     out = []
     for s in range(0, len(scores), chunk):
         sc, pos = scores[s:s + chunk], positive[s:s + chunk]

@@ -1,0 +1,31 @@
+# Two entry points for a fresh clone: `make demo` and `make test`.
+# Both create .venv if it is missing and install the project into it.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := runs/demo
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/diffret demo-data $(DEMO)/data
+	$(BIN)/diffret extract --dataset msrvtt --data-root $(DEMO)/data --out $(DEMO)/cache \
+		--model tiny --pretrained none $(DEMO_EXTRACT_FLAGS) --overwrite
+	$(BIN)/diffret train-generator --cache $(DEMO)/cache --out $(DEMO)/generator $(DEMO_GENERATOR_FLAGS)
+	$(BIN)/diffret evaluate --cache $(DEMO)/cache --generator $(DEMO)/generator --steps 50 \
+		--json $(DEMO)/metrics.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf runs .pytest_cache
