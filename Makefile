@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
+# The demo trains the tiny open_clip config from scratch on CPU, so it takes larger steps than
+# the real recipe (which fine-tunes pretrained CLIP at lr 1e-4, CLIP at lr x 1e-3).
+DEMO_EXTRACT_FLAGS ?= --epochs 3 --batch-size 64 --lr 1e-3 --clip-lr-scale 1 --fps uniform
+DEMO_GENERATOR_FLAGS ?= --epochs 5 --lr 1e-3
 
 .PHONY: demo test install clean
 

@@ -3,8 +3,9 @@
 `read_frames` opens one file, samples up to `n_frames` frames, resizes their shortest side to
 `size` (bicubic, antialiased, as PIL/torchvision do for CLIP) and centre-crops them, returning
 uint8 frames plus a mask for the padded slots. Frames decord 0.6 cannot deliver (its
-width-alignment bug, some damaged streams) are decoded again with PyAV. It keeps no global state, so it is safe to call
-from DataLoader worker processes. `normalize` turns the uint8 frames into model input.
+width-alignment bug, some damaged streams) are decoded again with PyAV. It keeps no global
+state, so it is safe to call from DataLoader worker processes. `normalize` turns the uint8
+frames into model input.
 """
 from __future__ import annotations
 
