@@ -108,11 +108,28 @@ class _Denoiser(nn.Module):
         lin = self.decoder[0]
         return nn.functional.linear(cand, lin.weight[:, self.width :], lin.bias)
 
-    def _decode(self, e: Tensor, dec_cand: Tensor, w: Tensor) -> Tensor:
-        """decoder(cat[e, cand]) + w from e [B,D], precomputed dec_cand [B,K,2D], w [B,K] -> [B,K]."""
-        lin1, lin2 = self.decoder[0], self.decoder[2]
-        h = (dec_cand + (e @ lin1.weight[:, : self.width].T).unsqueeze(1)).relu_()
-        return h @ lin2.weight[0] + lin2.bias + w
+    def _fused_head(self) -> tuple[Tensor, Tensor]:
+        """decoder[0]'s e-half after proj after v_proj, as one affine map: (M [2D,D], b [2D]).
+
+        e = proj(v_proj(x)) is linear in x, so W1e e = (W1e P V) x + W1e b_P: one [B,D]x[D,2D]
+        product per step instead of three.
+        """
+        w1e = self.decoder[0].weight[:, : self.width]
+        return w1e @ self.proj.weight @ self.v_proj.weight, w1e @ self.proj.bias
+
+    def _decode(self, x: Tensor, ctx, dec_cand: Tensor, w: Tensor) -> Tensor:
+        """decoder(cat[proj(v_proj(x)), cand]) + w from x [B,D] (pooled + c), the context's fused
+        head, precomputed dec_cand [B,K,2D] and w [B,K] -> [B,K]."""
+        m, b = ctx.head
+        he = (x @ m.T + b).unsqueeze(1)
+        if torch.is_grad_enabled():
+            h = dec_cand + he
+        else:  # sampling: one [B,K,2D] buffer for all steps; a fresh one each step costs as much as the math
+            if ctx.scratch is None or ctx.scratch.shape != dec_cand.shape:
+                ctx.scratch = torch.empty_like(dec_cand)
+            h = torch.add(dec_cand, he, out=ctx.scratch)
+        lin2 = self.decoder[2]
+        return h.relu_() @ lin2.weight[0] + lin2.bias + w
 
     def _decode_plain(self, e: Tensor, cand: Tensor, w: Tensor) -> Tensor:
         emb = torch.cat([e.unsqueeze(1).expand(-1, cand.shape[1], -1), cand], dim=-1)
@@ -130,6 +147,8 @@ class T2VContext:
     text_qk: Tensor
     videos: Tensor
     dec_videos: Tensor
+    head: tuple[Tensor, Tensor]  # fused proj . v_proj . decoder[0] (e half): M [2D, D], b [2D]
+    scratch: Tensor | None = None  # reused [B, K, 2D] buffer while sampling
 
 
 @dataclass
@@ -145,6 +164,8 @@ class V2TContext:
     pooled: Tensor
     base_logits: Tensor
     dec_texts: Tensor
+    head: tuple[Tensor, Tensor]  # fused proj . v_proj . decoder[0] (e half): M [2D, D], b [2D]
+    scratch: Tensor | None = None  # reused [B, K, 2D] buffer while sampling
 
 
 class T2VDenoiser(_Denoiser):
@@ -154,7 +175,15 @@ class T2VDenoiser(_Denoiser):
         """-> T2VContext holding W_k^T q_proj(text), v_k = sum_f a_f frame_f, and the decoder part of v_k."""
         videos = _attend_frames(text[:, None, None, :], frames, frame_mask, self.temp).squeeze(-2)
         text_qk = self.q_proj(text) @ self.k_proj.weight
-        return T2VContext(text_qk, videos, self._decoder_candidate_part(videos))
+        return T2VContext(text_qk, videos, self._decoder_candidate_part(videos), self._fused_head())
+
+    def prepare_shared(self, text: Tensor, frames: Tensor, frame_mask: Tensor) -> T2VContext:
+        """The same context when all B queries share one gallery of K videos (re-ranking the whole
+        gallery): text [B,D], frames [K,F,D], frame_mask [K,F]; never builds a [B,K,F,D] copy."""
+        a = torch.softmax(torch.einsum("bd,kfd->bkf", text, frames) / self.temp, dim=-1)
+        videos = torch.einsum("bkf,kfd->bkd", a * frame_mask.to(a.dtype), frames)
+        text_qk = self.q_proj(text) @ self.k_proj.weight
+        return T2VContext(text_qk, videos, self._decoder_candidate_part(videos), self._fused_head())
 
     def denoise(self, x_t: Tensor, t, ctx: T2VContext) -> Tensor:
         """x_t [B,K], t LongTensor [B] (or int) -> x0_hat [B,K]."""
@@ -165,8 +194,7 @@ class T2VDenoiser(_Denoiser):
         w = torch.softmax(logits, dim=-1)
         # sum_k w_k v_proj(v_k + c) = v_proj(sum_k w_k v_k + c) since sum_k w_k = 1.
         pooled = (w.unsqueeze(1) @ ctx.videos).squeeze(1)
-        e = self.proj(self.v_proj(pooled + c))
-        return self._decode(e, ctx.dec_videos, w)
+        return self._decode(pooled + c, ctx, ctx.dec_videos, w)
 
     def forward(self, x_t: Tensor, t, text: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """x0_hat [B,K] = denoise(x_t, t, prepare(text, frames, frame_mask))."""
@@ -193,7 +221,7 @@ class V2TDenoiser(_Denoiser):
         """-> V2TContext holding u_k = sum_f a_kf frame_f, q_proj(u_k) . k_proj(text_k), decoder part of text_k."""
         pooled = _attend_frames(texts, frames, frame_mask, self.temp)
         base = (self.q_proj(pooled) * self.k_proj(texts)).sum(-1)
-        return V2TContext(texts, pooled, base, self._decoder_candidate_part(texts))
+        return V2TContext(texts, pooled, base, self._decoder_candidate_part(texts), self._fused_head())
 
     def denoise(self, x_t: Tensor, t, ctx: V2TContext) -> Tensor:
         """x_t [B,K], t LongTensor [B] (or int) -> x0_hat [B,K]."""
@@ -210,8 +238,7 @@ class V2TDenoiser(_Denoiser):
         )
         w = torch.softmax(logits, dim=-1)
         pooled_text = (w.unsqueeze(1) @ ctx.texts).squeeze(1)
-        e = self.proj(self.v_proj(pooled_text + c))
-        return self._decode(e, ctx.dec_texts, w)
+        return self._decode(pooled_text + c, ctx, ctx.dec_texts, w)
 
     def forward(self, x_t: Tensor, t, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """x0_hat [B,K] = denoise(x_t, t, prepare(texts, frames, frame_mask))."""
