@@ -66,11 +66,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # out of space or killed half-way: never leave the temporary behind
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:
@@ -102,6 +106,34 @@ def read_manifest(root: Path) -> Manifest:
     except (ValueError, TypeError) as e:
         raise CacheError(f"{path} is not a valid cache manifest: {e}") from None
     return manifest
+
+
+def check_compatible(
+    manifest: Manifest, *, width: int | None = None, fingerprint: str | None = None,
+    schema_version: int | None = None, cache: str | Path = "the cache", consumer: str = "this consumer",
+) -> None:
+    """Refuse (CacheError, one line) a cache that does not fit what a consumer was built on.
+
+    Checks, in this order, whichever expectations are given: the cache schema version, the
+    feature width D and the stage-1 fingerprint. `cache` and `consumer` only name the two sides
+    in the message, e.g. check_compatible(m, width=512, fingerprint=fp, cache=cache_dir,
+    consumer=f"the generator in {gen_dir}").
+    """
+    if schema_version is not None and int(manifest.schema_version) != int(schema_version):
+        raise CacheError(
+            f"{cache} has cache schema version {manifest.schema_version} but {consumer} expects version "
+            f"{schema_version}; rebuild one to match the other"
+        )
+    if width is not None and int(manifest.width) != int(width):
+        raise CacheError(
+            f"{cache} holds features of width {manifest.width} but {consumer} expects width {width}; "
+            f"they come from different stage-1 models"
+        )
+    if fingerprint is not None and manifest.fingerprint != str(fingerprint):
+        raise CacheError(
+            f"{cache} was written by stage-1 model {manifest.fingerprint[:12] or '(unknown)'} but {consumer} "
+            f"was built on stage-1 model {str(fingerprint)[:12] or '(unknown)'}; use the matching cache or retrain"
+        )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

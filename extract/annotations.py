@@ -1,14 +1,18 @@
 """Dataset annotations: which captions exist, which video each describes, and where it lives.
 
 Every dataset loader returns the same `Annotations` object, so the extractor never needs to
-know a dataset's file layout. Loaders are registered in `DATASETS` by lower-case name.
-Video files are *not* checked here: the extractor records missing videos as failures.
+know a dataset's file layout. Loaders are registered by lower-case name (`dataset_names()`):
+msrvtt, msvd, lsmdc (here), activitynet, didemo (paragraphs.py) and manifest, a CSV or JSONL
+file for users' own videos (own_videos.py). Videos are looked up but never opened here: a
+missing or unreadable video is recorded as a failure by the extractor.
 """
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable
+import os
+import pickle
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,11 +74,23 @@ def _require_file(path: Path, dataset: str) -> Path:
     return path
 
 
+def _not_utf8(path: Path) -> AnnotationError:
+    """The error for a file that is not UTF-8 text, naming the line of its first bad byte."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1  # (no backslash inside an f-string before Python 3.12)
+        return AnnotationError(f"{path} line {line}: not UTF-8 text ({e.reason} at "
+                               f"byte {e.start}); save the file as UTF-8")
+    return AnnotationError(f"{path}: not UTF-8 text")
+
+
 def _read_json(path: Path) -> object:
     try:
         text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -106,8 +122,8 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str,
                 if empty:
                     raise AnnotationError(f"{path} line {line}: empty or missing value for {', '.join(empty)}")
                 rows.append((line, values))
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except csv.Error as e:
         raise AnnotationError(f"{path}: malformed CSV: {e}") from None
     return rows
@@ -130,6 +146,79 @@ def _video_paths(root: Path, video_dir: str | None, video_ids, ext: str = ".mp4"
     else:
         folder = root
     return {vid: folder / f"{vid}{ext}" for vid in video_ids}
+
+
+VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
+
+
+def _video_folder(root: Path, video_dir: str | None, defaults: tuple[str, ...] = ("videos",)) -> Path:
+    """`video_dir` (relative to root, or absolute); else the first of root/<defaults> that exists; else root."""
+    if video_dir is not None:
+        return root / video_dir
+    for name in defaults:
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def find_videos(
+    folder: Path, candidates: dict[str, list[str]], exts: Iterable[str] = VIDEO_EXTS,
+) -> dict[str, Path]:
+    """video_id -> file, for every id of `candidates` (id -> file names to try, without extension).
+
+    Each name is tried as given (it may carry its extension or a sub-folder), then with each of
+    `exts`, directly under `folder`. Ids still unmatched are looked up once by a walk of `folder`
+    (file name or stem, any depth, first in sorted order). An id found nowhere maps to
+    folder/<first name>[<first ext>], so the extractor reports it as a missing file.
+    """
+    exts = tuple(exts)
+    out: dict[str, Path] = {}
+    missing: list[str] = []
+    for vid, names in candidates.items():
+        for name in names:
+            hit = next((folder / f"{name}{e}" for e in ("", *exts) if (folder / f"{name}{e}").is_file()), None)
+            if hit is not None:
+                out[vid] = hit
+                break
+        else:
+            missing.append(vid)
+    if missing and folder.is_dir():
+        index: dict[str, Path] = {}
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames.sort()
+            for f in sorted(filenames):
+                p = Path(dirpath) / f
+                index.setdefault(f, p)
+                if p.suffix.lower() in exts:
+                    index.setdefault(p.stem, p)
+        for vid in missing:
+            hit = next((index[n] for n in candidates[vid] if n in index), None)
+            if hit is not None:
+                out[vid] = hit
+    for vid in missing:
+        first = candidates[vid][0]
+        out.setdefault(vid, folder / (first if Path(first).suffix.lower() in exts else f"{first}{exts[0]}"))
+    return {vid: out[vid] for vid in candidates}
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank lines of a text file as (line number, stripped text)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _numbered(items: Iterable[tuple[str, str, str]]) -> list[Caption]:
+    """(video_id, text, split) -> Captions with id f"{video_id}#{n}", n counting within the video."""
+    seen: dict[str, int] = {}
+    out = []
+    for vid, text, split in items:
+        n = seen.get(vid, 0)
+        seen[vid] = n + 1
+        out.append(Caption(f"{vid}#{n}", vid, text, split))
+    return out
 
 
 # --------------------------------------------------------------------------- MSRVTT
@@ -192,6 +281,11 @@ def load_msrvtt(root: Path, video_dir: str | None = None) -> Annotations:
         train_ids.add(vid)
 
     captions = [Caption(f"{vid}#{n}", vid, text, "train") for vid, n, text in numbered if vid in train_ids]
+    first_line: dict[str, int] = {}
+    for line, row in test_rows:  # a repeated key is a broken file: name both lines
+        if first_line.setdefault(row["key"], line) != line:
+            raise AnnotationError(f"{test_path} line {line}: duplicate caption id {row['key']!r} (key also on line "
+                                 f"{first_line[row['key']]})")
     captions += [Caption(row["key"], row["video_id"], row["sentence"], "test") for _, row in test_rows]
     _check_unique(captions, test_path)
 
@@ -199,14 +293,144 @@ def load_msrvtt(root: Path, video_dir: str | None = None) -> Annotations:
     return Annotations(dataset="msrvtt", root=root, captions=captions, videos=videos)
 
 
+# --------------------------------------------------------------------------- MSVD
+
+MSVD_LISTS = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
+MSVD_CAPTIONS = "raw-captions.pkl"
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles builtin containers and strings only: an annotation file may not run code."""
+
+    def find_class(self, module, name):
+        raise AnnotationError(f"refusing to load {module}.{name}: {MSVD_CAPTIONS} must hold plain dicts/lists/strings")
+
+
+def _msvd_captions(path: Path) -> dict[str, list[str]]:
+    """raw-captions.pkl: {video_id: [[token, ...], ...]} -> {video_id: ["token token ...", ...]}."""
+    try:
+        with open(path, "rb") as f:
+            data = _PlainUnpickler(f).load()
+    except AnnotationError as e:
+        raise AnnotationError(f"{path}: {e}") from None
+    except Exception as e:
+        raise AnnotationError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise AnnotationError(f"{path}: expected a dict video_id -> list of token lists, got {type(data).__name__}")
+    out: dict[str, list[str]] = {}
+    for vid, caps in data.items():
+        if not isinstance(caps, list) or not caps:
+            raise AnnotationError(f"{path}: video {vid!r} has no list of captions")
+        texts = []
+        for i, c in enumerate(caps):
+            if isinstance(c, str):
+                texts.append(c.strip())
+            elif isinstance(c, (list, tuple)) and all(isinstance(t, str) for t in c):
+                texts.append(" ".join(t.strip() for t in c if t.strip()))
+            else:
+                raise AnnotationError(f"{path}: caption {i} of video {vid!r} is not a list of token strings")
+        out[str(vid)] = texts
+    return out
+
+
+def load_msvd(root: Path, video_dir: str | None = None) -> Annotations:
+    """MSVD (YouTube2Text) with the standard 1,200 / 100 / 670 split.
+
+    root/{train,val,test}_list.txt  one video id per line (e.g. -4wsuPCjDBc_5_15).
+    root/raw-captions.pkl           {video_id: [[token, ...], ...]}; caption = tokens joined by spaces.
+    Every caption of a split's videos belongs to that split (about 40 per video; the test split
+    is evaluated with the multi-caption protocol); caption_id = f"{video_id}#{n}".
+    Videos: <video_dir or root/YouTubeClips or root/videos or root>/<id>.avi (.mp4 etc. also found).
+    """
+    root = _require_root(root, "msvd")
+    caps_path = _require_file(root / MSVD_CAPTIONS, "msvd")
+    lists = {split: _require_file(root / name, "msvd") for split, name in MSVD_LISTS.items() if split != "val"}
+    if (root / MSVD_LISTS["val"]).is_file():
+        lists["val"] = root / MSVD_LISTS["val"]
+    captions_of = _msvd_captions(caps_path)
+    items = []
+    for split in SPLITS:
+        if split not in lists:
+            continue
+        for line, vid in _read_lines(lists[split]):
+            if vid not in captions_of:
+                raise AnnotationError(f"{lists[split]} line {line}: video {vid!r} has no captions in {MSVD_CAPTIONS}")
+            items += [(vid, text, split) for text in captions_of[vid]]
+    captions = _numbered(items)
+    _check_unique(captions, caps_path)
+    ids = dict.fromkeys(c.video_id for c in captions)
+    folder = _video_folder(root, video_dir, ("YouTubeClips", "videos"))
+    videos = find_videos(folder, {v: [v] for v in ids}, (".avi",) + VIDEO_EXTS)
+    return Annotations(dataset="msvd", root=root, captions=captions, videos=videos)
+
+
+# --------------------------------------------------------------------------- LSMDC
+
+LSMDC_FILES = {
+    "train": "LSMDC16_annos_training.csv",
+    "val": "LSMDC16_annos_val.csv",
+    "test": "LSMDC16_challenge_1000_publictect.csv",
+}
+
+
+def _lsmdc_rows(path: Path) -> list[tuple[str, str]]:
+    """(clip_id, sentence) of a tab-separated LSMDC file (6 fields, no header)."""
+    rows = []
+    for line, text in _read_lines(path):
+        fields = text.split("\t")
+        if len(fields) < 6:
+            raise AnnotationError(
+                f"{path} line {line}: expected 6 tab-separated fields (clip id, 4 times, sentence), got {len(fields)}"
+            )
+        clip, sentence = fields[0].strip(), "\t".join(fields[5:]).strip()
+        if not clip or not sentence:
+            raise AnnotationError(f"{path} line {line}: empty clip id or sentence")
+        rows.append((clip, sentence))
+    return rows
+
+
+def load_lsmdc(root: Path, video_dir: str | None = None) -> Annotations:
+    """LSMDC (the 2016 challenge files, as CLIP4Clip and DiffusionRet use them).
+
+    root/LSMDC16_annos_training.csv, LSMDC16_annos_val.csv, LSMDC16_challenge_1000_publictect.csv:
+    tab-separated, no header: clip_id, start_aligned, end_aligned, start_extracted, end_extracted,
+    sentence. Train / val / test (the 1,000-clip public test); caption_id = f"{clip_id}#{n}".
+    Videos: <video_dir or root/videos or root>/<movie>/<clip_id>.avi where movie is the clip id
+    without its final "_<times>" part; clip_id.avi directly in the folder or anywhere below it
+    (.mp4 etc.) is found as well.
+    """
+    root = _require_root(root, "lsmdc")
+    files = {s: _require_file(root / n, "lsmdc") for s, n in LSMDC_FILES.items() if s != "val"}
+    if (root / LSMDC_FILES["val"]).is_file():
+        files["val"] = root / LSMDC_FILES["val"]
+    items = [(clip, text, split) for split in SPLITS if split in files for clip, text in _lsmdc_rows(files[split])]
+    captions = _numbered(items)
+    ids = dict.fromkeys(c.video_id for c in captions)
+    folder = _video_folder(root, video_dir)
+    videos = find_videos(folder, {v: [f"{v.rsplit('_', 1)[0]}/{v}", v] for v in ids}, (".avi",) + VIDEO_EXTS)
+    return Annotations(dataset="lsmdc", root=root, captions=captions, videos=videos)
+
+
 # --------------------------------------------------------------------------- registry
 
-DATASETS: dict[str, Callable[..., Annotations]] = {"msrvtt": load_msrvtt}
+
+def _registry() -> dict[str, Callable[..., Annotations]]:
+    from .own_videos import load_manifest
+    from .paragraphs import load_activitynet, load_didemo
+
+    return {"msrvtt": load_msrvtt, "msvd": load_msvd, "lsmdc": load_lsmdc, "activitynet": load_activitynet,
+            "didemo": load_didemo, "manifest": load_manifest}
+
+
+def dataset_names() -> list[str]:
+    """The names `load_annotations` accepts."""
+    return list(_registry())
 
 
 def load_annotations(dataset: str, root, video_dir: str | None = None) -> Annotations:
-    """Load `dataset` (a key of `DATASETS`, case-insensitive) from `root`."""
-    loader = DATASETS.get(str(dataset).lower())
+    """Load `dataset` (one of `dataset_names()`, case-insensitive) from `root`."""
+    registry = _registry()
+    loader = registry.get(str(dataset).lower())
     if loader is None:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(registry)}")
     return loader(Path(root), video_dir=video_dir)

@@ -1,8 +1,9 @@
 """Torch datasets that decode videos in DataLoader worker processes.
 
-Each item decodes one video with its own decord reader (no shared state between workers).
-A video that cannot be read yields an all-False mask and a one-line reason instead of raising,
-so one broken file never stops a run: the caller drops it and records the failure.
+Each item decodes one video with its own decord reader (no shared state between workers), in a
+child process bounded by `timeout` seconds (see video.read_frames). A video that cannot be read
+yields an all-False mask and a one-line reason instead of raising, so one broken file never stops
+a run: the caller drops it and records the failure.
 """
 from __future__ import annotations
 
@@ -13,31 +14,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from .video import FrameSpec, VideoDecodeError, read_frames
 
+DECODE_TIMEOUT = 60.0  # seconds one video's decoding may take before it counts as failed
 
-def _decode(path: Path, spec: FrameSpec) -> tuple[torch.Tensor, torch.Tensor, str]:
+
+def _decode(path: Path, spec: FrameSpec, timeout: float | None = DECODE_TIMEOUT) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
-        frames, mask = read_frames(path, spec)
+        frames, mask = read_frames(path, spec, timeout=timeout)
         return frames, mask, ""
     except VideoDecodeError as e:
         reason = e.reason
     except Exception as e:  # decoder bugs on odd files: record, never crash the run
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     blank = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
-    return blank, torch.zeros(spec.n_frames, dtype=torch.bool), reason
+    return blank, torch.zeros(spec.n_frames, dtype=torch.bool), reason or "unreadable"
 
 
 class VideoClips(Dataset):
     """Item i = (frames uint8 [F, 3, S, S], mask bool [F], i, reason) for paths[i]."""
 
-    def __init__(self, paths: list[Path], spec: FrameSpec):
+    def __init__(self, paths: list[Path], spec: FrameSpec, timeout: float | None = DECODE_TIMEOUT):
         self.paths = list(paths)
         self.spec = spec
+        self.timeout = timeout
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        frames, mask, reason = _decode(self.paths[i], self.spec)
+        frames, mask, reason = _decode(self.paths[i], self.spec, self.timeout)
         return frames, mask, i, reason
 
 
@@ -45,11 +49,26 @@ def _worker_init(_):
     torch.set_num_threads(1)
 
 
-def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False):
-    """DataLoader over VideoClips; `workers` decoding processes, one decoding thread each."""
+def window_batches(n: int, window: int, batch_size: int, first_window: int = 0) -> list[list[int]]:
+    """Batches of item indices that never straddle a window boundary ([k*window, (k+1)*window)),
+    starting at window `first_window`: the same items meet in the same batches on every run."""
+    out = []
+    for lo in range(first_window * window, n, window):
+        hi = min(lo + window, n)
+        out += [list(range(s, min(s + batch_size, hi))) for s in range(lo, hi, batch_size)]
+    return out
+
+
+def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False,
+                 timeout: float | None = DECODE_TIMEOUT, batches: list[list[int]] | None = None):
+    """DataLoader over VideoClips; `workers` decoding processes, one decoding thread each.
+    `batches` (lists of indices into `paths`) replaces batch_size / shuffle / drop_last."""
     g = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False,
+                  pin_memory=torch.cuda.is_available())
+    if batches is not None:
+        return DataLoader(VideoClips(paths, spec, timeout), batch_sampler=batches, **common)
     return DataLoader(
-        VideoClips(paths, spec), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
-        num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False,
-        pin_memory=torch.cuda.is_available(),
+        VideoClips(paths, spec, timeout), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+        **common,
     )

@@ -3,6 +3,7 @@
     text  [B, L] token ids  -> word tokens [B, L, D] (all positions, projected), EOT = sentence
     video [B, F, 3, H, W]   -> per-frame CLS [B, F, D] -> temporal transformer (+ residual)
     head: word / frame weight logits from two MLPs (D -> 2D -> ReLU -> 1); score = WTI
+    loss: symmetric InfoNCE on logit_scale * S (logit scale clamped at 100), or dual softmax
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from diffret.cache.wti import wti_similarity
 
@@ -35,11 +37,14 @@ class TemporalTransformer(nn.Module):
             n = min(max_frames, pos.shape[0])
             with torch.no_grad():
                 self.frame_position_embeddings.weight[:n] = pos[:n]
+                if n < max_frames:  # frames beyond the text context (64 frames on a 32-token model)
+                    nn.init.normal_(self.frame_position_embeddings.weight[n:], std=0.01)
         else:
             from open_clip.transformer import ResidualAttentionBlock
 
             self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
             self.heads = heads
+        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x [B, F, D], mask [B, F] bool (True = real frame) -> [B, F, D]."""
@@ -49,7 +54,10 @@ class TemporalTransformer(nn.Module):
         bias = torch.zeros(B, 1, 1, Fn, dtype=x.dtype, device=x.device).masked_fill(~mask[:, None, None, :], -1e4)
         bias = bias.expand(B, self.heads, Fn, Fn).reshape(B * self.heads, Fn, Fn)
         for blk in self.blocks:
-            h = blk(h, attn_mask=bias)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(blk, h, None, None, bias, use_reentrant=False)
+            else:
+                h = blk(h, attn_mask=bias)
         return h + x
 
 
@@ -68,6 +76,19 @@ class Stage1Model(nn.Module):
         self.temporal = TemporalTransformer(clip, self.width, max_frames, layers=temporal_layers)
         self.text_weight_fc = weight_mlp(self.width)
         self.video_weight_fc = weight_mlp(self.width)
+
+    @property
+    def max_frames(self) -> int:
+        return self.temporal.frame_position_embeddings.num_embeddings
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of every transformer block in backward (open_clip's switch)."""
+        self.clip.set_grad_checkpointing(enable)
+        self.temporal.grad_checkpointing = enable
+
+    def forward(self, tokens: torch.Tensor, frames: torch.Tensor, mask: torch.Tensor):
+        """Both towers at once (what DistributedDataParallel wraps): -> (encode_text, encode_video)."""
+        return self.encode_text(tokens), self.encode_video(frames, mask)
 
     def new_modules(self) -> list[nn.Module]:
         """Modules that are not part of CLIP (trained at the full learning rate)."""
@@ -105,10 +126,42 @@ class Stage1Model(nn.Module):
 
 
 def info_nce(sim: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a square score matrix whose diagonal holds the positives."""
+    """Symmetric InfoNCE over a square score matrix [B, B] whose diagonal holds the positives."""
     logits = sim * logit_scale
     target = torch.arange(len(sim), device=sim.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def dual_softmax_loss(sim: torch.Tensor, logit_scale: torch.Tensor, temp: float = 1000.0) -> torch.Tensor:
+    """The Dual Softmax training loss of CAMoE (Cheng et al. 2021) over a square score matrix [B, B].
+
+    With logits Z = logit_scale * S (rows = texts, columns = videos), each direction re-weights
+    its logits by a softmax over the *other* axis before the usual cross-entropy:
+
+        t2v: Z'  = Z * softmax(Z / temp, over texts, per video) * B;     CE over each row of Z'
+        v2t: Z'' = Z^T * softmax(Z^T / temp, over videos, per text) * B; CE over each row of Z''
+        loss = (mean_t2v + mean_v2t) / 2
+
+    `temp` divides (1000 as in CAMoE's code), so the prior is a mild one; the factor B keeps the
+    weights near 1.
+    """
+    logits = sim * logit_scale
+    target = torch.arange(len(sim), device=sim.device)
+    n = len(sim)
+
+    def one_way(z: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(z * torch.softmax(z / temp, dim=0) * n, target)
+
+    return (one_way(logits) + one_way(logits.t())) / 2
+
+
+def contrastive_loss(sim: torch.Tensor, logit_scale: torch.Tensor, kind: str = "infonce", dsl_temp: float = 1000.0):
+    """The stage-1 training loss by name: "infonce" (the original) or "dsl"."""
+    if kind == "infonce":
+        return info_nce(sim, logit_scale)
+    if kind == "dsl":
+        return dual_softmax_loss(sim, logit_scale, dsl_temp)
+    raise ValueError(f"unknown loss {kind!r}; known: infonce, dsl")
 
 
 def fingerprint(model: nn.Module) -> str:

@@ -1,94 +1,73 @@
 """`diffret extract` end to end: annotations -> stage-1 model -> fine-tune -> checkpoint -> cache."""
 from __future__ import annotations
 
-import random
-import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from diffret.cache.manifest import MANIFEST_NAME, Manifest
-from diffret.cache.store import CacheWriter, write_failures
+from diffret.cache.manifest import Manifest
+from diffret.cache.layout import FAILURES_FILE, read_failures
+from diffret.cache.writer import CacheWriter
 
 from .annotations import load_annotations
-from .backbone import build_clip, clip_mean_std, get_tokenizer, image_size
-from .config import ExtractConfig
-from .dump import dump_texts, dump_videos
-from .finetune import finetune
-from .model import Stage1Model, fingerprint
-from .video import FrameSpec
+from .backbone import get_tokenizer
+from .checkpoint import STAGE1_NAME, resolve_stage1_config
+from .config import ExtractConfig, recipe_mismatch
+from .dump import check_output, dump_texts, dump_videos, start_output
+from .distributed import DistInfo, all_gather_objects, barrier, init_distributed, on_main, rank_slice
+from .finetune import stage1_model
+from .merge import merge_parts, part_dir, prepare_parts
 
-CHECKPOINT_NAME = "stage1.pt"
+CHECKPOINT_NAME = STAGE1_NAME
 
 
 class ExtractError(RuntimeError):
     """Extraction cannot start (one-line message)."""
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """auto: a GPU if there is one; under torchrun the process's own GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ExtractError("--device cuda was asked for but no CUDA GPU is visible")
+    if name == "cuda" and info.enabled:
+        return torch.device("cuda", info.local_rank)
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=None, log=print,
+               resume_training: bool = False) -> dict:
+    """Fine-tune (cfg.epochs, 0 = zero-shot) and dump the cache into `out`; returns a summary.
 
-
-def build_stage1(cfg: ExtractConfig) -> tuple[Stage1Model, FrameSpec]:
-    clip = build_clip(cfg.model, cfg.pretrained)
-    mean, std = clip_mean_std(clip)
-    spec = FrameSpec(n_frames=cfg.frames, size=image_size(clip), target_fps=cfg.target_fps, mean=mean, std=std)
-    return Stage1Model(clip, max_frames=cfg.frames, temporal_layers=cfg.temporal_layers), spec
-
-
-def save_checkpoint(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"config": cfg.to_dict(), "fingerprint": fp, "state_dict": model.state_dict()}, tmp)
-    tmp.replace(path)
-
-
-def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=None, log=print) -> dict:
-    """Fine-tune (cfg.epochs, 0 = zero-shot) and dump the cache into `out`; returns a summary."""
+    Under torchrun every process calls this; rank 0 prepares `out` and merges the parts.
+    `resume_training` continues an unfinished fine-tuning from its last epoch (--resume).
+    """
     out = Path(out)
-    if (out / MANIFEST_NAME).exists():
-        if not overwrite:
-            raise ExtractError(f"{out} already holds a cache; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    ann = load_annotations(cfg.dataset, cfg.data_root)
+    cfg = resolve_stage1_config(cfg)  # --stage1: the model comes from that checkpoint
+    info = init_distributed(resolve_device(cfg.device).type)
+    device = resolve_device(cfg.device, info)
+    resume = on_main(lambda: check_output(out, overwrite, mismatch=lambda saved: recipe_mismatch(saved, cfg)), info)
+    ann = load_annotations(cfg.dataset, cfg.data_root, video_dir=cfg.video_dir)
     if not ann.split("train") and cfg.epochs > 0:
         raise ExtractError(f"{cfg.data_root} has no training captions to fine-tune on (use --epochs 0)")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model, spec = build_stage1(cfg)
-    model.to(device)
+    on_main(lambda: start_output(out, cfg.to_dict(), resume, log), info)  # nothing is written before this line
     tokenizer = get_tokenizer(cfg.model)
     t0 = time.time()
 
     failures: dict[str, str] = {}  # path -> reason
-    train = ann.split("train")
-    if cfg.epochs > 0:
-        tokens = tokenizer([c.text for c in train], context_length=cfg.words)
-        paths = [ann.videos[c.video_id] for c in train]
-        history = finetune(model, tokens, paths, spec, cfg, device, progress, failures)
-        log(f"fine-tuned {cfg.epochs} epochs on {len(train)} pairs: loss per epoch {[round(h, 3) for h in history]}")
-    model.eval()
-    fp = fingerprint(model)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / CHECKPOINT_NAME, model, cfg, fp)
+    model, spec, fp, ckpt = stage1_model(cfg, out, ann, tokenizer, device, info, resume_training, progress, failures, log)
 
     manifest = Manifest(
         width=model.width, n_words=cfg.words, n_frames=cfg.frames, dataset=cfg.dataset,
         model={"name": cfg.model, "pretrained": str(cfg.pretrained), "fingerprint": fp},
         extract_config=cfg.to_dict(), logit_scale=float(model.logit_scale.item()),
     )
-    writer = CacheWriter(out, manifest, shard_rows=cfg.shard_rows)
+    # Under torchrun each process writes a contiguous slice of every split to its own part.
+    on_main(lambda: prepare_parts(out, info.world, resume), info)
+    root = part_dir(out, info.rank) if info.enabled else out
+    writer = CacheWriter(root, manifest, shard_rows=cfg.shard_rows, resume=resume, log=log)
     failed_videos: dict[str, str] = {}
     counts = {}
     for split in ("train", "test"):
@@ -96,24 +75,29 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
         if not caps:
             continue
         vids = ann.video_ids(split)
-        failed_videos.update(dump_videos(
-            model, writer, split, vids, [ann.videos[v] for v in vids], spec, device,
+        mine = vids[rank_slice(len(vids), info)]
+        for part in all_gather_objects(dump_videos(
+            model, writer, split, mine, [ann.videos[v] for v in mine], spec, device,
             batch_size=max(1, min(cfg.batch_size, 64)), workers=cfg.workers, amp=cfg.amp, progress=progress,
-        ))
+            timeout=cfg.decode_timeout,
+        ), info):
+            failed_videos.update(part)
         caps = [c for c in caps if c.video_id not in failed_videos]
-        tokens = tokenizer([c.text for c in caps], context_length=cfg.words)
+        my_caps = caps[rank_slice(len(caps), info)]
+        tokens = tokenizer([c.text for c in my_caps], context_length=cfg.words)
         dump_texts(
-            model, writer, split, [c.caption_id for c in caps], [c.video_id for c in caps],
-            [c.text for c in caps], tokens, device, batch_size=256, amp=cfg.amp, progress=progress,
+            model, writer, split, [c.caption_id for c in my_caps], [c.video_id for c in my_caps],
+            [c.text for c in my_caps], tokens, device, batch_size=256, amp=cfg.amp, progress=progress,
         )
         counts[split] = {"captions": len(caps), "videos": len(vids) - sum(v in failed_videos for v in vids)}
     path_of = {str(p): v for v, p in ann.videos.items()}
-    for path, reason in failures.items():
-        failed_videos.setdefault(path_of.get(path, path), reason)
-    write_failures(out, [(v, str(ann.videos.get(v, "")), r) for v, r in sorted(failed_videos.items())])
-    writer.close()
+    writer.add_failures([(path_of.get(path, path), path, reason) for path, reason in failures.items()])
+    writer.close()  # failures.parquet lists the videos that are not in the cache, with their reasons
+    if info.enabled:
+        barrier(info)
+        on_main(lambda: merge_parts(out, info.world), info)
     return {
-        "cache": str(out), "checkpoint": str(out / CHECKPOINT_NAME), "fingerprint": fp, "splits": counts,
-        "failed": len(failed_videos), "failures_file": str(out / "failures.parquet"),
+        "cache": str(out), "checkpoint": str(ckpt), "fingerprint": fp, "splits": counts,
+        "failed": len(read_failures(out)), "failures_file": str(out / FAILURES_FILE),
         "seconds": round(time.time() - t0, 1), "device": str(device),
     }

@@ -3,9 +3,10 @@
 `read_frames` opens one file, samples up to `n_frames` frames, resizes their shortest side to
 `size` (bicubic, antialiased, as PIL/torchvision do for CLIP) and centre-crops them, returning
 uint8 frames plus a mask for the padded slots. Frames decord 0.6 cannot deliver (its
-width-alignment bug, some damaged streams) are decoded again with PyAV. It keeps no global
-state, so it is safe to call from DataLoader worker processes. `normalize` turns the uint8
-frames into model input.
+width-alignment bug, some damaged streams) are decoded again with PyAV. With a `timeout`, the
+decoding runs in a helper process that is killed when it overruns (decord can hang on damaged
+files) or that dies on its own (a decoder crash): either becomes a one-line reason, never a
+stuck or dead worker (see decoder.py). It is safe to call from DataLoader worker processes. `normalize` turns the uint8 frames into model input.
 """
 from __future__ import annotations
 
@@ -86,10 +87,15 @@ def sample_frame_indices(
 
 
 def _first_line(e: BaseException) -> str:
-    """First line of an exception message without decord's "[hh:mm:ss] file.cc:123: " prefix."""
+    """First line of an exception message without decord's "[hh:mm:ss] file.cc:123: " prefixes
+    and "Check failed: <expression> (a vs. b)" noise, at most 200 characters."""
     text = str(e).strip().splitlines()
     line = text[0] if text else type(e).__name__
-    return re.sub(r"^\[[\d:]+\]\s+\S+:\d+:\s*", "", line).strip() or type(e).__name__
+    line = re.sub(r"\[[\d:]+\]\s+\S+:\d+:\s*", "", line)
+    line = re.sub(r"Check failed: .*?\(-?\d+ vs\. -?\d+\)\s*", "", line).strip()
+    if line.startswith("Cannot create buffer source"):
+        line = "no decodable video stream (" + line + ")"
+    return (line or type(e).__name__)[:200]
 
 
 def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
@@ -178,15 +184,21 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return frames[..., top : top + size, left : left + size].contiguous()
 
 
-def read_frames(path, spec: FrameSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def read_frames(path, spec: FrameSpec, timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode, sample and crop one video.
 
     Returns (frames uint8 [n_frames, 3, size, size], mask bool [n_frames]): the first k slots
     hold the sampled frames in time order (mask True), the rest are zeros (mask False).
-    Raises VideoDecodeError (one-line `reason`) for a missing, empty, unreadable or frameless file.
+    Raises VideoDecodeError (one-line `reason`) for a missing, empty, unreadable or frameless file,
+    and, with `timeout` (seconds), for one whose decoding overruns it or crashes the decoder.
     """
     path = Path(path)
-    arr = _decode(path, spec)
+    if timeout:
+        from .decoder import decode_bounded  # a helper process with a watchdog (decoder.py)
+
+        arr = decode_bounded(path, spec, timeout)
+    else:
+        arr = _decode(path, spec)
     k = arr.shape[0]
     frames = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
     frames[:k] = resize_center_crop(torch.from_numpy(arr).permute(0, 3, 1, 2), spec.size)

@@ -36,10 +36,34 @@ def load_generator(folder: Path, device="cpu") -> tuple[GeneratorConfig, T2VDeno
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise GeneratorError(f"{folder} holds no trained generator ({WEIGHTS_NAME} is missing)")
-    state = torch.load(path, map_location=device, weights_only=False)
-    meta = state["meta"]
-    cfg = GeneratorConfig(**meta["config"])
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+        meta = state["meta"]
+    except Exception as e:  # truncated, foreign or corrupted file
+        raise GeneratorError(f"cannot read {path}: {str(e).splitlines()[0][:160]}") from None
+    cfg = GeneratorConfig.from_dict(meta["config"])
     t2v, v2t = T2VDenoiser(meta["width"], cfg.temp), V2TDenoiser(meta["width"], cfg.temp)
     t2v.load_state_dict(state["t2v"])
     v2t.load_state_dict(state["v2t"])
     return cfg, t2v.to(device).eval(), v2t.to(device).eval(), meta
+
+
+STATE_NAME = "train_state.pt"
+
+
+def save_train_state(out: Path, state: dict) -> None:
+    """Everything `train-generator --resume` needs (raw and EMA weights, optimizer, RNG, history)."""
+    out = Path(out)
+    tmp = out / f".{STATE_NAME}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / STATE_NAME)
+
+
+def load_train_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_NAME
+    if not path.is_file():
+        raise GeneratorError(f"nothing to resume in {folder}: {STATE_NAME} is missing (run without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise GeneratorError(f"cannot read {path}: {str(e).splitlines()[0][:160]}") from None

@@ -14,6 +14,7 @@ class GeneratorConfig:
     loss: str = "ce"  # ce | mse | kl
     x0: str = "onehot"  # onehot | pm1
     candidates: int = 128  # K in training: the positive, then in-batch items by stage-1 similarity
+    negatives: str = "batch"  # batch: hardest in-batch items | cache: mined from the whole training split
     batch_size: int = 128
     epochs: int = 5
     lr: float = 1e-4
@@ -26,3 +27,26 @@ class GeneratorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> "GeneratorConfig":
+        """Raise ValueError (one line) for a setting that cannot train; returns self."""
+        choices = {"schedule": ("cosine", "linear"), "loss": ("ce", "mse", "kl"), "x0": ("onehot", "pm1"),
+                   "negatives": ("batch", "cache")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("steps", "candidates", "batch_size"):
+            if getattr(self, name) < (2 if name != "steps" else 1):
+                raise ValueError(f"{name} must be at least {2 if name != 'steps' else 1}, got {getattr(self, name)}")
+        if self.epochs < 0 or not self.lr > 0 or not 0 <= self.ema < 1 or not self.beta_scale > 0:
+            raise ValueError("epochs must be >= 0, lr > 0, beta_scale > 0 and ema in [0, 1)")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorConfig":
+        """Tolerates fields written by older or newer versions (unknown keys are dropped)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+# Settings that `train-generator --resume` may change; every other one must match the saved run.
+RESUMABLE = ("epochs", "lr", "device", "grad_clip")

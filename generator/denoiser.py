@@ -223,6 +223,16 @@ class V2TDenoiser(_Denoiser):
         base = (self.q_proj(pooled) * self.k_proj(texts)).sum(-1)
         return V2TContext(texts, pooled, base, self._decoder_candidate_part(texts), self._fused_head())
 
+    def prepare_shared(self, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> V2TContext:
+        """The same context when all B query videos share one gallery of K texts (re-ranking the
+        whole gallery): texts [K,D], frames [B,F,D], frame_mask [B,F]; text-only terms computed once."""
+        B = frames.shape[0]
+        a = torch.softmax(torch.einsum("kd,bfd->bkf", texts, frames) / self.temp, dim=-1)
+        pooled = torch.einsum("bkf,bfd->bkd", a * frame_mask.to(a.dtype).unsqueeze(1), frames)
+        base = (self.q_proj(pooled) * self.k_proj(texts)).sum(-1)
+        dec = self._decoder_candidate_part(texts).expand(B, -1, -1)
+        return V2TContext(texts.expand(B, -1, -1), pooled, base, dec, self._fused_head())
+
     def denoise(self, x_t: Tensor, t, ctx: V2TContext) -> Tensor:
         """x_t [B,K], t LongTensor [B] (or int) -> x0_hat [B,K]."""
         c = self.embed_timestep(_timestep(t, x_t.device))  # [B or 1, D]

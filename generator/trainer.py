@@ -1,9 +1,15 @@
 """Stage 2: train the t2v and v2t denoisers on cached features (the flat training loop).
 
-Per batch of B (caption, video) pairs: stage-1 WTI scores [B, B] order the candidates (the
-positive first, then the hardest in-batch items of other videos, K in all); x0 is one-hot on
-the positive; a random step t noises it; each denoiser predicts x0 back from x_t and the
-features; the generation loss (cross-entropy of 100 * x0_hat by default) trains both.
+Per batch of B (caption, video) pairs: the candidates of each query are the positive first, then
+hard negatives in stage-1 (WTI) order, K in all: the hardest in-batch items of other videos (the
+original), or negatives mined once from the whole training split (`negatives="cache"`). x0 is
+one-hot on the positive (or +1/-1), a random step t noises it, each denoiser predicts x0 back from
+x_t and the features, and the generation loss (cross-entropy of 100 * x0_hat by default) trains
+both. An EMA of the weights is what gets saved and evaluated.
+
+After every epoch the run folder gets `generator.pt`/`generator.json` (the EMA weights, what
+`evaluate` reads) and `train_state.pt` (what `--resume` continues from), each written atomically.
+A non-finite loss or gradient stops training with an error; the last epoch's files stay intact.
 """
 from __future__ import annotations
 
@@ -19,9 +25,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity
 
-from .candidates import positive_first, same_video_mask, usable_candidates
-from .checkpoint import save_generator
-from .config import GeneratorConfig
+from .candidates import mine_cache_negatives, positive_first, same_video_mask, usable_candidates
+from .checkpoint import GeneratorError, load_train_state, save_generator, save_train_state
+from .config import RESUMABLE, GeneratorConfig
 from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters
 from .features import SplitFeatures, load_split
 from .losses import generation_loss, one_hot_x0
@@ -35,23 +41,36 @@ class TrainingError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible")
     return torch.device(name)
 
 
-def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
-               cfg: GeneratorConfig, gen: torch.Generator) -> torch.Tensor | None:
-    """Generation loss of both directions on the pairs `rows` [B]; None if no negatives exist."""
+def batch_candidates(f: SplitFeatures, rows: torch.Tensor, k: int, pools=None):
+    """Candidates of the pairs `rows` [B]: (video rows [B, K] per text query, caption rows [B, K] per
+    video query), the positive first; in-batch by stage-1 WTI, or from `pools` (mine_cache_negatives)."""
     vid = f.caption_video[rows]
-    k = usable_candidates(vid, cfg.candidates)
-    if k < 2:
-        return None
+    if pools is not None:
+        video_pool, caption_pool = pools
+        k = min(k, video_pool.shape[1] + 1)
+        return (torch.cat([vid[:, None], video_pool[rows, :k - 1]], 1),
+                torch.cat([rows[:, None], caption_pool[vid, :k - 1]], 1))
     with torch.no_grad():
         sim = wti_similarity(f.words[rows], f.word_mask[rows], f.word_logits[rows],
                              f.frames[vid], f.frame_mask[vid], f.frame_logits[vid])
     same = same_video_mask(vid)
-    cand_v = vid[positive_first(sim, same, k)]  # [B, K] video rows for each text query
-    cand_t = rows[positive_first(sim.t(), same, k)]  # [B, K] caption rows for each video query
-    B, dev = len(rows), rows.device
+    return vid[positive_first(sim, same, k)], rows[positive_first(sim.t(), same, k)]
+
+
+def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
+               cfg: GeneratorConfig, gen: torch.Generator, pools=None) -> torch.Tensor | None:
+    """Generation loss of both directions on the pairs `rows` [B]; None if no negatives exist."""
+    vid = f.caption_video[rows]
+    k = usable_candidates(vid, cfg.candidates) if pools is None else cfg.candidates
+    if k < 2:
+        return None
+    cand_v, cand_t = batch_candidates(f, rows, k, pools)
+    B, k, dev = len(rows), cand_v.shape[1], rows.device
     x0 = one_hot_x0(k, B, cfg.x0, device=dev)
     t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen, device=dev)
     noise = torch.randn(2, B, k, generator=gen, device=dev)
@@ -60,54 +79,119 @@ def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Ten
     return generation_loss(out_t2v, None, cfg.loss, x0) + generation_loss(out_v2t, None, cfg.loss, x0)
 
 
-def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=None, log=print) -> dict:
-    """Train both denoisers on the cache's train split; write the checkpoint and generator.json."""
+def resume_config(out: Path, overrides: dict) -> GeneratorConfig:
+    """The saved run's config with `overrides` applied; only RESUMABLE settings may change."""
+    saved = GeneratorConfig.from_dict(load_train_state(out)["config"])
+    for name, value in overrides.items():
+        if name not in RESUMABLE and getattr(saved, name) != value:
+            raise TrainingError(f"--resume cannot change {name} ({getattr(saved, name)!r} -> {value!r}); "
+                                f"only {', '.join(RESUMABLE)} may change")
+    return GeneratorConfig.from_dict({**saved.to_dict(), **{k: overrides[k] for k in overrides if k in RESUMABLE}})
+
+
+def _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epochs_done, seconds, device) -> dict:
+    return {
+        "config": cfg.to_dict(), "width": width,
+        "parameters": {"t2v": count_parameters(t2v), "v2t": count_parameters(v2t)},
+        "cache": {"path": str(Path(cache_dir).resolve()), "fingerprint": reader.manifest.fingerprint,
+                  "schema_version": reader.manifest.schema_version, "train_captions": n},
+        "epochs_done": epochs_done, "history": history, "seconds": round(seconds, 1), "device": str(device),
+    }
+
+
+def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=None, log=print,
+                    resume: bool = False) -> dict:
+    """Train both denoisers on the cache's train split; write the checkpoint and generator.json.
+
+    resume: continue the run in `out` from its last finished epoch (`cfg` must match the saved run
+    except for RESUMABLE settings; see resume_config). -> the generator.json dict.
+    """
     t0 = time.time()
+    cfg.validate()
     reader = CacheReader(cache_dir)
     if "train" not in reader.manifest.splits:
         raise TrainingError(f"{cache_dir} has no train split to train the generator on")
+    state = load_train_state(out) if resume else None
+    if state is not None and state["cache"]["fingerprint"] != reader.manifest.fingerprint:
+        raise TrainingError(f"{out} was trained on a cache of stage-1 model {state['cache']['fingerprint']}, "
+                            f"but {cache_dir} holds {reader.manifest.fingerprint}; resume on the same cache")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     feats = load_split(reader, "train").to(device)
-    width = feats.width
+    width, n = feats.width, len(feats.caption_id)
     t2v, v2t = T2VDenoiser(width, cfg.temp).to(device), V2TDenoiser(width, cfg.temp).to(device)
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
     params = list(t2v.parameters()) + list(v2t.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) for m in (t2v, v2t)] if cfg.ema > 0 else []
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    n = len(feats.caption_id)
+    history, start, spent = [], 0, 0.0
+    if state is not None:
+        if state["cache"]["train_captions"] != n:
+            raise TrainingError(f"{out} was trained on {state['cache']['train_captions']} captions, "
+                                f"{cache_dir} has {n}; resume on the same cache")
+        t2v.load_state_dict(state["t2v"])
+        v2t.load_state_dict(state["v2t"])
+        for e, s in zip(ema, state["ema"]):
+            e.load_state_dict(s)
+        opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # --lr may change on resume
+            g["lr"] = cfg.lr
+        gen.set_state(state["rng"])
+        history, start, spent = list(state["history"]), int(state["epochs_done"]), float(state["seconds"])
+        log(f"resuming {out} after epoch {start} of {cfg.epochs}")
+    pools = None
+    if cfg.negatives == "cache":
+        pools = mine_cache_negatives(feats, cfg.candidates, device=device, progress=progress)
+        pools = tuple(p.to(device) for p in pools)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
-    history = []
-    for epoch in range(cfg.epochs):
+    final = lambda: [e.module for e in ema] if ema else [t2v, v2t]  # noqa: E731  (evaluation uses the EMA)
+    meta = None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for epoch in range(start, cfg.epochs):
         order = torch.randperm(n, generator=gen, device=device)
-        task = progress.add_task(f"generator epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch) if progress else None
+        label = f"generator epoch {epoch + 1}/{cfg.epochs}"
+        task = progress.add_task(label, total=steps_per_epoch) if progress else None
         total, count = 0.0, 0
         for s in range(steps_per_epoch):
-            loss = batch_loss(t2v, v2t, feats, order[s * batch:(s + 1) * batch], schedule, cfg, gen)
+            loss = batch_loss(t2v, v2t, feats, order[s * batch:(s + 1) * batch], schedule, cfg, gen, pools)
             if loss is not None:
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {s + 1}; lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                value = loss.item()
+                if math.isfinite(value):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    value = value if math.isfinite(norm.item()) else norm.item()
+                if not math.isfinite(value):
+                    kept = (f"the checkpoint of epoch {epoch} in {out} is kept" if epoch > 0 and (
+                        Path(out) / "generator.pt").is_file() else "no checkpoint was written")
+                    raise TrainingError(f"loss or gradient became {value} at epoch {epoch + 1} step {s + 1}; "
+                                        f"stopped, {kept}; lower --lr and continue with --resume")
                 opt.step()
                 for e, m in zip(ema, (t2v, v2t)):
                     e.update_parameters(m)
-                total, count = total + loss.item(), count + 1
+                total, count = total + value, count + 1
             if progress:
-                progress.update(task, advance=1, description=f"generator epoch {epoch + 1}/{cfg.epochs} loss {total / max(count, 1):.3f}")
+                progress.update(task, advance=1, description=f"{label} loss {total / max(count, 1):.3f}")
         if progress:
             progress.remove_task(task)
         history.append(round(total / max(count, 1), 4))
-    final = [e.module for e in ema] if ema else [t2v, v2t]  # evaluation uses the EMA weights
-    meta = {
-        "config": cfg.to_dict(), "width": width,
-        "parameters": {"t2v": count_parameters(t2v), "v2t": count_parameters(v2t)},
-        "cache": {"path": str(cache_dir), "fingerprint": reader.manifest.fingerprint,
-                  "schema_version": reader.manifest.schema_version, "train_captions": n},
-        "history": history, "seconds": round(time.time() - t0, 1), "device": str(device),
-    }
-    save_generator(out, final[0], final[1], meta)
+        seconds = spent + time.time() - t0
+        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epoch + 1, seconds, device)
+        save_train_state(out, {
+            "config": cfg.to_dict(), "t2v": t2v.state_dict(), "v2t": v2t.state_dict(),
+            "ema": [e.state_dict() for e in ema], "optimizer": opt.state_dict(), "rng": gen.get_state(),
+            "history": history, "epochs_done": epoch + 1, "seconds": seconds, "cache": meta["cache"],
+        })
+        save_generator(out, *final(), meta)
+    if meta is None:  # nothing left to train (epochs 0, or a finished run resumed)
+        if state is not None:
+            log(f"{out} already has {start} epochs; pass a larger --epochs to train longer")
+            try:
+                return json.loads((Path(out) / "generator.json").read_text())
+            except (OSError, ValueError) as e:
+                raise GeneratorError(f"cannot read {out}/generator.json: {e}") from None
+        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, 0, time.time() - t0, device)
+        save_generator(out, *final(), meta)
     return meta

@@ -1,60 +1,226 @@
-"""The evaluation protocol: stage-1 scores from cached tokens, diffusion re-ranking, metrics.
+"""The evaluation protocol: stage-1 scores from cached tokens, diffusion re-ranking, revisers, metrics.
 
-Rows of the result: `discriminative` (stage-1 WTI scores alone) and `diffusion` (the same
-scores re-ranked by the generator over each query's top-K candidates), both directions.
+Rows of the result, each in both directions:
+
+* `discriminative`: the stage-1 WTI scores S alone.
+* `diffusion`: S re-ranked by the generator over each query's top-K candidates (or all of them).
+* `dsl` (with `dsl=True`): Dual Softmax applied to the stage-1 scores (logit-scaled).
+* `qbnorm` (with `qb_norm=True`): QB-Norm applied to the stage-1 scores, the query bank being the
+  cache's training queries (t2v: training captions; v2t: training videos).
+
+Multi-caption test sets (MSVD, MSRVTT full, ...): t2v ranks each caption's video among all videos;
+v2t ranks every video against all captions and counts it as found at the best rank of any of its
+captions; videos without a test caption are distractors for t2v and are not v2t queries.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from diffret.cache.manifest import CacheError
+from diffret.cache.manifest import CacheError, check_compatible
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity_chunked
 from diffret.generator.checkpoint import load_generator
-from diffret.generator.features import load_split
+from diffret.generator.features import SplitFeatures, load_split
 from diffret.generator.rerank import rerank
 from diffret.generator.sampler import make_sampler
 from diffret.generator.schedule import NoiseSchedule, ScheduleConfig
+from diffret.generator.trainer import resolve_device
 
-from .metrics import retrieval_metrics
+from .metrics import ranks, recall_metrics
+from .revisers import dual_softmax, qb_norm, query_bank
 
 
-def evaluate(
-    cache_dir: Path, generator_dir: Path, steps: int | None = 50, top_k: int = 32, alpha: float = 1.0,
-    temp: float = 1.0, sampler: str = "ddim", split: str = "test", device: str = "auto", seed: int = 0,
-    log=print,
-) -> dict:
-    """-> {"n_queries", "n_candidates", "top_k", "steps", "results": {row: metrics}, "seconds"}.
+@dataclass
+class EvalOptions:
+    """What `diffret evaluate` does besides reading the cache (defaults: the original's inference)."""
 
-    `steps` is the number of sampling steps (<= the generator's T; None = T).
-    """
-    t0 = time.time()
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    steps: int | None = None  # sampling steps S (strided), None = the generator's T
+    sampler: str = "ddim"  # ddim | ddpm
+    clamp: bool = True  # clamp x0 to [-1, 1] at every step
+    top_k: int | None = 32  # candidates re-ranked per query; None = the whole gallery
+    alpha: float = 1.0
+    temp: float = 1.0
+    dsl: bool = False
+    dsl_temp: float = 1.0
+    qb_norm: bool = False
+    qb_beta: float = 20.0
+    qb_k: int = 1
+    split: str = "test"
+    device: str = "auto"
+    seed: int = 0
+    allow_other_cache: bool = False  # accept a cache from another stage-1 model (same width)
+
+
+@dataclass
+class EvalData:
+    """One split of one cache, ready to score: features and the stage-1 score matrix S [Nt, Nv]."""
+
+    reader: CacheReader
+    features: SplitFeatures
+    scores: torch.Tensor
+
+
+def load_eval_data(cache_dir: Path, split: str = "test", device="cpu") -> EvalData:
     reader = CacheReader(cache_dir)
-    cfg, t2v, v2t, meta = load_generator(generator_dir, dev)
-    if meta["width"] != reader.manifest.width:
-        raise CacheError(
-            f"generator {generator_dir} has width {meta['width']} but cache {cache_dir} has width "
-            f"{reader.manifest.width}; train a generator on this cache"
-        )
     f = load_split(reader, split)
-    S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits, device=dev)
-    results = {"discriminative": retrieval_metrics(S, S.t(), f.caption_video)}
+    if len(f.caption_id) == 0 or len(f.video_id) == 0:
+        raise CacheError(f"{cache_dir} has no {split} captions or videos to evaluate")
+    S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
+                               device=device)
+    return EvalData(reader, f, S)
 
+
+def check_generator_cache(meta: dict, reader: CacheReader, cache_dir, generator_dir, allow_other_cache=False):
+    """Refuse (CacheError) a cache the generator cannot read: another width always, another stage-1
+    model (fingerprint) unless `allow_other_cache`."""
+    consumer = f"the generator in {generator_dir}"
+    src = meta.get("cache", {})
+    check_compatible(reader.manifest, width=meta["width"], schema_version=src.get("schema_version"),
+                     cache=cache_dir, consumer=consumer)
+    if not allow_other_cache and src.get("fingerprint") is not None:
+        try:
+            check_compatible(reader.manifest, fingerprint=src["fingerprint"], cache=cache_dir, consumer=consumer)
+        except CacheError as e:
+            raise CacheError(f"{e} (or pass --allow-other-cache)") from None
+
+
+def protocol_metrics(t2v: torch.Tensor, v2t: torch.Tensor, caption_video: torch.Tensor) -> dict:
+    """retrieval_metrics with the multi-caption protocol; videos without captions are not v2t queries.
+
+    t2v [Nt, Nv], v2t [Nv, Nt], caption_video [Nt] (video row of each caption)."""
+    nv = t2v.shape[1]
+    pos = caption_video[:, None] == torch.arange(nv)[None, :]  # [Nt, Nv]
+    has = pos.any(0)
+    m_t2v = recall_metrics(ranks(t2v, pos))
+    m_v2t = recall_metrics(ranks(v2t[has], pos.t()[has]))
+    return {"t2v": m_t2v, "v2t": m_v2t, "Rsum": sum(d[k] for d in (m_t2v, m_v2t) for k in ("R@1", "R@5", "R@10"))}
+
+
+def ground_truth(caption_video: torch.Tensor, n_videos: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> t2v_gt [Nt] (the right video column per caption row) and v2t_gt: [Nv] when every video has
+    exactly one caption, else [Nv, C] (its caption columns, padded with -1)."""
+    cv = caption_video.numpy()
+    counts = np.bincount(cv, minlength=n_videos)
+    if (counts == 1).all():
+        gt = np.empty(n_videos, dtype=np.int64)
+        gt[cv] = np.arange(len(cv))
+        return cv.astype(np.int64), gt
+    gt = np.full((n_videos, max(1, counts.max())), -1, dtype=np.int64)
+    fill = np.zeros(n_videos, dtype=np.int64)
+    for c, v in enumerate(cv):
+        gt[v, fill[v]] = c
+        fill[v] += 1
+    return cv.astype(np.int64), gt
+
+
+def save_sims(path: Path, matrices: dict[str, tuple[torch.Tensor, torch.Tensor]], f: SplitFeatures) -> None:
+    """Write `<row>_t2v` [Nt, Nv], `<row>_v2t` [Nv, Nt], `t2v_gt`, `v2t_gt`, `caption_id`, `video_id` (.npz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t2v_gt, v2t_gt = ground_truth(f.caption_video, len(f.video_id))
+    arrays = {"t2v_gt": t2v_gt, "v2t_gt": v2t_gt, "caption_id": np.array(f.caption_id, dtype=str),
+              "video_id": np.array(f.video_id, dtype=str)}
+    for row, (a, b) in matrices.items():
+        arrays[f"{row}_t2v"], arrays[f"{row}_v2t"] = a.float().numpy(), b.float().numpy()
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(path)
+
+
+def _bank_blocks(reader: CacheReader, f: SplitFeatures, direction: str, device, chunk: int = 1024):
+    """Score blocks [b, Nc] of the training queries (the bank) against the evaluated candidates."""
+    if "train" not in reader.manifest.splits:
+        raise CacheError(f"{reader.root} has no train split to serve as the QB-Norm query bank")
+    if direction == "t2v":
+        text = reader.text("train")
+        for s in range(0, len(text), chunk):
+            yield wti_similarity_chunked(text.words[s:s + chunk], text.word_mask[s:s + chunk],
+                                         text.word_logits[s:s + chunk], f.frames, f.frame_mask, f.frame_logits,
+                                         device=device)
+    else:
+        video = reader.video("train")
+        for s in range(0, len(video), chunk // 4):
+            e = s + chunk // 4
+            yield wti_similarity_chunked(f.words, f.word_mask, f.word_logits, video.frames[s:e],
+                                         video.frame_mask[s:e], video.frame_logits[s:e], device=device).t()
+
+
+def revised_rows(data: EvalData, opts: EvalOptions, device) -> tuple[dict, dict]:
+    """The `dsl` and `qbnorm` rows (as asked for) on the stage-1 scores -> (matrices, settings)."""
+    S, out, info = data.scores, {}, {}
+    if opts.dsl:
+        scale = float(data.reader.manifest.logit_scale)
+        out["dsl"] = (dual_softmax(S, opts.dsl_temp, scale), dual_softmax(S.t(), opts.dsl_temp, scale))
+        info["dsl"] = {"temp": opts.dsl_temp, "logit_scale": scale, "on": "discriminative"}
+    if opts.qb_norm:
+        banks = {d: query_bank(_bank_blocks(data.reader, data.features, d, device), S.shape[1 if d == "t2v" else 0],
+                               opts.qb_beta, opts.qb_k) for d in ("t2v", "v2t")}
+        out["qbnorm"] = (qb_norm(S, banks["t2v"]), qb_norm(S.t().contiguous(), banks["v2t"]))
+        info["qbnorm"] = {"beta": opts.qb_beta, "k": opts.qb_k, "on": "discriminative",
+                          "bank": {"t2v": banks["t2v"].size, "v2t": banks["v2t"].size}}
+    return out, info
+
+
+def diffusion_row(data: EvalData, cfg, t2v, v2t, opts: EvalOptions, device, progress=None):
+    """-> (t2v scores [Nt, Nv], v2t scores [Nv, Nt], sampler) re-ranked by the generator."""
+    if opts.steps is not None and opts.steps > cfg.steps:
+        raise ValueError(f"--steps {opts.steps} is more than the generator's {cfg.steps} diffusion steps")
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
-    if steps is not None and steps > cfg.steps:
-        raise ValueError(f"--steps {steps} is more than the generator's {cfg.steps} diffusion steps")
-    smp = make_sampler(sampler, schedule, steps)
-    common = dict(sampler=smp, top_k=top_k, alpha=alpha, temp=temp, seed=seed, device=dev)
+    smp = make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp)
+    f, S = data.features, data.scores
+    common = dict(sampler=smp, top_k=opts.top_k, alpha=opts.alpha, temp=opts.temp, seed=opts.seed, device=device,
+                  progress=progress)
     s_t2v = rerank(S, t2v, f.sentence, None, f.frames, f.frame_mask, **common)
     s_v2t = rerank(S.t().contiguous(), v2t, f.frames, f.frame_mask, f.sentence, None, **common)
-    results["diffusion"] = retrieval_metrics(s_t2v, s_v2t, f.caption_video)
-    return {
-        "cache": str(cache_dir), "generator": str(generator_dir), "split": split,
-        "n_queries": len(f.caption_id), "n_candidates": len(f.video_id), "top_k": min(top_k, len(f.video_id)),
-        "steps": smp.num_inference_steps, "sampler": sampler, "alpha": alpha, "temp": temp,
-        "results": results, "seconds": round(time.time() - t0, 2), "device": str(dev),
-    }
+    return s_t2v, s_v2t, smp
+
+
+def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | None = None, progress=None,
+             save_sims_to: Path | None = None, log=print, **overrides) -> dict:
+    """-> {"n_queries", "n_candidates", "top_k", "steps", "results": {row: metrics}, ...}.
+
+    `overrides` set EvalOptions fields (evaluate(cache, gen, steps=10, top_k=5)). Without a
+    generator only the stage-1 row and the revisers are reported.
+    """
+    t0 = time.time()
+    opts = EvalOptions(**{**asdict(opts or EvalOptions()), **overrides})
+    if opts.top_k is not None and opts.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 or 'all', got {opts.top_k}")
+    dev = resolve_device(opts.device)
+    reader = CacheReader(cache_dir)
+    gen = None
+    if generator_dir is not None:
+        gen = load_generator(generator_dir, dev)
+        check_generator_cache(gen[3], reader, cache_dir, generator_dir, opts.allow_other_cache)
+    data = load_eval_data(cache_dir, opts.split, dev)
+    f, S = data.features, data.scores
+    matrices = {"discriminative": (S, S.t())}
+    report = {"cache": str(cache_dir), "generator": str(generator_dir) if generator_dir else None,
+              "split": opts.split, "n_queries": len(f.caption_id), "n_candidates": len(f.video_id)}
+    if gen is not None:
+        cfg, t2v, v2t, meta = gen
+        s_t2v, s_v2t, smp = diffusion_row(data, cfg, t2v, v2t, opts, dev, progress)
+        matrices["diffusion"] = (s_t2v, s_v2t)
+        trained_on = meta.get("cache", {})
+        report.update({
+            "top_k": "all" if opts.top_k is None or opts.top_k >= len(f.video_id) else opts.top_k,
+            "steps": smp.num_inference_steps, "train_steps": cfg.steps, "schedule": cfg.schedule,
+            "sampler": opts.sampler, "clamp": opts.clamp, "alpha": opts.alpha, "temp": opts.temp,
+            "generator_cache": trained_on.get("path"),
+            "out_of_domain": trained_on.get("path") not in (None, str(Path(cache_dir).resolve())),
+        })
+    revised, info = revised_rows(data, opts, dev)
+    matrices.update(revised)
+    report.update(info)
+    report["results"] = {row: protocol_metrics(a, b, f.caption_video) for row, (a, b) in matrices.items()}
+    if save_sims_to is not None:
+        save_sims(save_sims_to, matrices, f)
+        report["sims"] = str(save_sims_to)
+    report.update({"seconds": round(time.time() - t0, 2), "device": str(dev), "seed": opts.seed})
+    return report

@@ -82,7 +82,7 @@ def test_registry(tmp_path):
     ann = load_annotations("msrvtt", str(root))
     assert ann.root == root and len(ann.split("train")) == 5
     assert load_annotations("MSRVTT", root).video_ids("test") == ["video2"]
-    with pytest.raises(ValueError, match=r"^unknown dataset 'x'; known: msrvtt$"):
+    with pytest.raises(ValueError, match=r"^unknown dataset 'x'; known: msrvtt, msvd, lsmdc, activitynet, didemo, manifest$"):
         load_annotations("x", root)
 
 

@@ -1,0 +1,171 @@
+"""Building the stage-1 model, and its two kinds of checkpoint in the cache folder.
+
+    stage1.pt         the finished stage-1 model: {"config", "fingerprint", "history", "state_dict"}.
+                      Written once fine-tuning is complete; a later run with the same recipe
+                      reuses it instead of training again (then only the dump remains).
+    train-state.pt    the last finished epoch of an unfinished fine-tuning: model, optimizer,
+                      scheduler, AMP scaler, RNG states, epochs done, loss history; `--resume`
+                      continues from it. Replaced each epoch; deleted when stage1.pt is written.
+
+Both are written under a temporary name and renamed, so a kill never leaves half a file.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .backbone import build_clip, clip_mean_std, image_size
+from .config import ExtractConfig
+from .model import Stage1Model, fingerprint
+from .video import FrameSpec
+
+STAGE1_NAME = "stage1.pt"
+TRAIN_STATE_NAME = "train-state.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A stage-1 checkpoint that is missing, damaged or does not fit (one-line message)."""
+
+
+def frame_spec(clip, cfg: ExtractConfig) -> FrameSpec:
+    mean, std = clip_mean_std(clip)
+    return FrameSpec(n_frames=cfg.frames, size=image_size(clip), target_fps=cfg.target_fps, mean=mean, std=std)
+
+
+def _check_words(clip, words: int, model: str) -> None:
+    context = int(clip.positional_embedding.shape[0])
+    if words > context:
+        raise CheckpointError(f"--words {words} exceeds the {context}-token text context of {model}")
+
+
+def build_stage1(cfg: ExtractConfig) -> tuple[Stage1Model, FrameSpec]:
+    """A fresh stage-1 model (CLIP weights from cfg.pretrained) and the frame preprocessing it needs."""
+    clip = build_clip(cfg.model, cfg.pretrained)
+    _check_words(clip, cfg.words, cfg.model)
+    return Stage1Model(clip, max_frames=cfg.frames, temporal_layers=cfg.temporal_layers), frame_spec(clip, cfg)
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load(path: Path) -> dict:
+    try:  # mmap: reading the config of a large checkpoint does not read its tensors
+        obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+    if not isinstance(obj, dict) or "state_dict" not in obj or "config" not in obj:
+        raise CheckpointError(f"{path} is not a diffret stage-1 checkpoint")
+    return obj
+
+
+def save_stage1(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str, history: list | None = None) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save({"config": cfg.to_dict(), "fingerprint": fp, "history": list(history or []), "state_dict": state}, path)
+
+
+def read_stage1(path: Path) -> dict:
+    """The raw checkpoint dict (config, fingerprint, history, state_dict) of a stage1.pt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"stage-1 checkpoint {path} does not exist")
+    return _load(path)
+
+
+def load_stage1(path: Path, cfg: ExtractConfig | None = None) -> tuple[Stage1Model, FrameSpec, str, dict]:
+    """Rebuild the model saved in `path` -> (model, frame spec, fingerprint, saved config dict).
+
+    The architecture (open_clip model, frame slots, temporal layers) comes from the checkpoint;
+    the frame preprocessing from `cfg` (its frames and words must fit the model) or the saved config.
+    The weights are checked against the saved fingerprint.
+    """
+    ckpt = read_stage1(path)
+    saved = ExtractConfig.from_dict(ckpt["config"])
+    cfg = cfg or saved
+    clip = build_clip(saved.model, "none")
+    _check_words(clip, cfg.words, saved.model)
+    if cfg.frames > saved.frames:
+        raise CheckpointError(f"--frames {cfg.frames} exceeds the {saved.frames} frame slots of the stage-1 model in {path}")
+    model = Stage1Model(clip, max_frames=saved.frames, temporal_layers=saved.temporal_layers)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit a {saved.model} stage-1 model: {str(e).splitlines()[0][:200]}") from None
+    fp = fingerprint(model)
+    if ckpt.get("fingerprint") and ckpt["fingerprint"] != fp:
+        raise CheckpointError(f"{path} is damaged: its weights do not match its fingerprint {ckpt['fingerprint']}")
+    return model, frame_spec(clip, cfg), fp, ckpt["config"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_stage1_config(cfg: ExtractConfig) -> ExtractConfig:
+    """With cfg.stage1 set: the architecture fields (model, pretrained, temporal layers) from that
+    checkpoint, no fine-tuning (epochs 0); the rest (frames, words, data) from `cfg`."""
+    if not cfg.stage1:
+        return cfg
+    saved = read_stage1(cfg.stage1)["config"]
+    d = cfg.to_dict()
+    d.update(model=saved["model"], pretrained=saved["pretrained"], temporal_layers=saved["temporal_layers"], epochs=0,
+             stage1=str(Path(cfg.stage1).resolve()))
+    return ExtractConfig.from_dict(d)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_train_state(path: Path, model, optimizer, scheduler, scaler, epochs_done: int, history: list,
+                     cfg: ExtractConfig) -> None:
+    atomic_save({
+        "config": cfg.to_dict(), "epochs_done": epochs_done, "history": list(history),
+        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": rng_state(),
+    }, path)
+
+
+def read_train_state(path: Path) -> dict:
+    obj = _load(Path(path))
+    if "optimizer" not in obj or "epochs_done" not in obj:
+        raise CheckpointError(f"{path} is not a diffret fine-tuning state")
+    return obj
+
+
+def restore_train_state(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, list]:
+    """Load a read_train_state() dict into the live objects -> (epochs done, loss history)."""
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epochs_done"]), list(state["history"])
