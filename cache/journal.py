@@ -58,9 +58,10 @@ class Journal:
         for path in sorted(self.dir.glob("*-*-*.json")) if self.exists() else []:
             try:
                 e = json.loads(path.read_text(encoding="utf-8"))
-                out.append(e) if isinstance(e, dict) and {"kind", "split", "index"} <= e.keys() else None
             except (OSError, ValueError):
                 continue  # a torn entry cannot exist (atomic writes); skip anything odd all the same
+            if isinstance(e, dict) and {"kind", "split", "index"} <= e.keys():
+                out.append(e)
         return sorted(out, key=lambda e: (e["kind"], e["split"], int(e["index"])))
 
     def record(self, entry: dict) -> None:

@@ -74,8 +74,8 @@ class CacheWriter:
         fp = self.manifest.fingerprint
         foreign = [e for e in entries if e.get("fingerprint") != fp or e.get("shard_rows") != self.shard_rows]
         if foreign:
-            self.log(f"discarding {len(entries)} unfinished shards of an earlier run: they were written by another "
-                     f"stage-1 model or shard size")
+            self.log(f"discarding the {len(entries)} shards of the interrupted run: they were written by another "
+                     f"stage-1 model or with another shard size")
             self._discard(entries)
             return
         kept, dropped, broken = 0, 0, set()

@@ -45,6 +45,8 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
     `resume_training` continues an unfinished fine-tuning from its last epoch (--resume).
     """
     out = Path(out)
+    if cfg.stage1 and Path(cfg.stage1).resolve().is_relative_to(out.resolve()):
+        raise ExtractError(f"--stage1 {cfg.stage1} lies inside --out {out}, which this run rewrites; copy it elsewhere")
     cfg = resolve_stage1_config(cfg)  # --stage1: the model comes from that checkpoint
     info = init_distributed(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, info)

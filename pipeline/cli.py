@@ -185,7 +185,7 @@ def extract(dataset, data_root, video_dir, out, model, pretrained, stage1_path, 
     console.print(f"cache written to {out} ({counts}) in {summary['seconds']} s on {summary['device']}")
     if summary["failed"]:
         console.print(f"[yellow]{summary['failed']} videos could not be read and are not in the cache; "
-                      f"the list with reasons: {summary['failures_file']}[/]")
+                      f"the list with reasons: {summary['failures_file']}[/]", soft_wrap=True)  # a path to copy
     else:
         console.print("every video was read")
 

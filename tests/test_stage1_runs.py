@@ -94,8 +94,8 @@ def test_two_processes_under_torchrun_equal_one(small_set, reference, tmp_path):
     assert_same_cache(reference, out, atol=2e-3)
     a = torch.load(reference / "stage1.pt", weights_only=False)["state_dict"]
     b = torch.load(out / "stage1.pt", weights_only=False)["state_dict"]
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    for name in a:  # one Adam step moves a weight by about lr = 1e-3; rounding differs by ~1e-6
+        assert torch.allclose(a[name], b[name], atol=5e-5), name
     shards = sorted(p.name for p in (out / "shards").iterdir())
     assert any(n.endswith("-r000.h5") for n in shards) and any(n.endswith("-r001.h5") for n in shards)
     assert not (out / "parts").exists() and not (out / "progress").exists()
@@ -165,3 +165,6 @@ def test_resume_reuse_and_stage1_checkpoint(small_set, reference, tmp_path):
     assert manifest.extract_config["epochs"] == 0 and manifest.extract_config["stage1"].endswith("stage1.pt")
     assert not (other / "stage1.pt").exists()
     assert_same_cache(reference, other, atol=0)
+    r = run_cli("extract", "--dataset", "manifest", "--data-root", small_set, "--out", reference, "--overwrite",
+                "--stage1", reference / "stage1.pt", ok=False)
+    assert r.exit_code == 1 and "lies inside --out" in r.output and (reference / "stage1.pt").is_file()
