@@ -66,6 +66,19 @@ def read_shard(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np
         return {n: f[n][...] for n in names}
 
 
+def read_shard_into(path: Path, out: dict[str, np.ndarray], start: int) -> int:
+    """Read every dataset named in `out` into out[name][start:start + rows] (no intermediate
+    copy: h5py reads straight into the slice); returns the shard's row count."""
+    with h5py.File(path, "r") as f:
+        rows = None
+        for name, dest in out.items():
+            ds = f[name]
+            rows = ds.shape[0]
+            if rows:
+                ds.read_direct(dest, dest_sel=np.s_[start:start + rows])
+        return int(rows or 0)
+
+
 def shard_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Shape and dtype of each dataset, without reading data."""
     with h5py.File(path, "r") as f:

@@ -25,7 +25,7 @@ from .layout import (  # noqa: F401  (re-exported: the cache's public names live
     read_failures, write_failures,
 )
 from .manifest import CacheError, read_manifest
-from .shards import FIELDS, field_dtype, read_shard
+from .shards import FIELDS, field_dtype, read_shard_into
 from .writer import CacheWriter  # noqa: F401
 
 
@@ -92,27 +92,25 @@ class CacheReader:
             raise CacheError(f"{self.root} has no split {split!r}; it has {self.splits}")
         index = self.index(kind, split)
         records = [s for s in self.manifest.shards if s.kind == kind and s.split == split]
-        parts: dict[str, list[np.ndarray]] = {}
+        n = sum(r.rows for r in records)
+        if n != index.num_rows:
+            raise CacheError(f"{self.root}: {kind} split {split!r} has {n} tensor rows but {index.num_rows} index rows")
+        m = self.manifest
+        tail = {"sentence": (m.width,), "words": (m.n_words, m.width), "word_mask": (m.n_words,),
+                "word_logits": (m.n_words,), "frames": (m.n_frames, m.width), "frame_mask": (m.n_frames,),
+                "frame_logits": (m.n_frames,)}
+        # One preallocated array per field; each shard is read straight into its rows.
+        arrays = {k: np.empty((n,) + tail[k], field_dtype(k, m.dtype)) for k in FIELDS[kind]}
+        start = 0
         for rec in records:
             path = self.root / rec.file
             if not path.is_file():
                 raise CacheError(f"{self.root} is incomplete: shard {rec.file} is missing")
-            for k, v in read_shard(path, FIELDS[kind]).items():
-                parts.setdefault(k, []).append(v)
-        if not records:  # the split has rows of the other kind only: empty arrays, right shapes
-            m = self.manifest
-            tail = {"sentence": (m.width,), "words": (m.n_words, m.width), "word_mask": (m.n_words,),
-                    "word_logits": (m.n_words,), "frames": (m.n_frames, m.width), "frame_mask": (m.n_frames,),
-                    "frame_logits": (m.n_frames,)}
-            parts = {k: [np.zeros((0,) + tail[k], field_dtype(k, m.dtype))] for k in FIELDS[kind]}
-        arrays = {k: np.concatenate(v) for k, v in parts.items()}
-        n = sum(r.rows for r in records)
-        if n != index.num_rows:
-            raise CacheError(f"{self.root}: {kind} split {split!r} has {n} tensor rows but {index.num_rows} index rows")
+            start += read_shard_into(path, arrays, start)
         # Index rows are in write order; shards hold the same order, so positions line up.
         for k in arrays:
             if k.endswith("_mask"):
-                arrays[k] = arrays[k].astype(bool)
+                arrays[k] = arrays[k].view(bool)  # stored as 0/1 bytes: a view, not a copy
         return index, arrays
 
     def text(self, split: str) -> TextFeatures:
