@@ -2,7 +2,8 @@
 domain; mean +- std over seeds. Runs the real `diffret` commands (resumable: finished steps are
 skipped when their output exists).
 
-For each seed s (stage one and stage two both seeded with s, the data fixed):
+For each seed s (stage one and stage two both seeded with s, the data fixed; with --stage1-seed N
+every seed uses the stage-1 model and caches of seed N, so only stage two varies):
 
     extract          data/          -> s<s>/cache            (fine-tunes stage one)
     extract --stage1 data-shifted/  -> s<s>/cache-shifted    (the same stage-1 model, no training)
@@ -44,9 +45,10 @@ def _flag(flags: str, name: str, default):
 
 def run_seed(out: Path, seed: int, a) -> dict:
     d = out / f"s{seed}"
-    cache, shifted, gen = d / "cache", d / "cache-shifted", d / "generator"
+    s1 = seed if a.stage1_seed is None else a.stage1_seed  # whose stage-1 model (and caches) to use
+    cache, shifted, gen = out / f"s{s1}" / "cache", out / f"s{s1}" / "cache-shifted", d / "generator"
     if not (cache / "manifest.json").is_file():
-        diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data", "--out", cache, "--seed", seed,
+        diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data", "--out", cache, "--seed", s1,
                 *shlex.split(a.extract_flags), "--overwrite")
     if not (shifted / "manifest.json").is_file():
         diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data-shifted", "--out", shifted,
@@ -107,6 +109,8 @@ def main() -> None:
     p.add_argument("--extract-flags", default=EXTRACT)
     p.add_argument("--generator-flags", default=GENERATOR)
     p.add_argument("--eval-flags", default="--steps 50 --top-k 32")
+    p.add_argument("--stage1-seed", type=int, default=None,
+                   help="Share the stage-1 model of this seed across all seeds (only stage two varies).")
     a = p.parse_args()
     t0 = time.time()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +125,7 @@ def main() -> None:
     (a.out / "table.json").write_text(json.dumps({
         "table": table, "per_seed": dict(zip(map(str, seeds), per_seed)), "seeds": seeds,
         "flags": {"extract": a.extract_flags, "generator": a.generator_flags, "eval": a.eval_flags},
+        "stage1_seed": a.stage1_seed,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "seconds": round(time.time() - t0),
         "date": time.strftime("%Y-%m-%d"),
     }, indent=2) + "\n")
