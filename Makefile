@@ -29,7 +29,7 @@ demo: $(STAMP)
 		--json $(DEMO)/metrics.json
 
 # The README's demo results: rows discriminative, diffusion, dsl, qbnorm, in and out of domain,
-# mean +- std over 3 seeds (about 20 minutes on 2 CPU cores).
+# mean +- std over 3 seeds (about 10 minutes on 2 idle CPU cores).
 demo-table: $(STAMP)
 	$(BIN)/python benchmarks/demo_table.py --out runs/demo-table --seeds 0,1,2
 
