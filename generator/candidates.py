@@ -38,7 +38,7 @@ def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits) 
     One side carries a candidate axis P: either words [B, L, D] (+ [B, L] mask/logits) against
     frames [B, P, F, D] (+ [B, P, F]), or words [B, P, L, D] against frames [B, F, D]. -> [B, P].
     """
-    w = torch.nn.functional.normalize(words.float(), dim=-1)
+    w = torch.nn.functional.normalize(words.float(), dim=-1)  # words arrive in the cache's float16
     f = torch.nn.functional.normalize(frames.float(), dim=-1)
     if w.dim() == 3:
         cos = torch.einsum("bld,bpfd->bplf", w, f)

@@ -1,6 +1,13 @@
-"""Cached stage-1 features of one split as float32 tensors, with caption -> video links.
+"""Cached stage-1 features of one split as tensors, with caption -> video links.
 
 This is the generator's whole view of the data: it never sees pixels, CLIP or decord.
+
+dtypes: `words` [N, L, D] stays in the cache's dtype (float16 as written by the extractor): it is
+by far the largest tensor (MSRVTT-9k: 180,000 x 32 x 512 = 5.9 GB in float16, 11.8 GB in float32),
+and every user converts the rows it takes with `.float()` (cache/wti.py `wti_similarity` and
+`wti_similarity_chunked`, generator/candidates.py `paired_wti`, generator/trainer.py). Everything
+else is small and converted to float32 here (`sentence`, `frames` and the logits feed the
+denoisers directly); masks are bool; `caption_video` is int64.
 """
 from __future__ import annotations
 
@@ -15,15 +22,15 @@ from diffret.cache.store import CacheReader
 @dataclass
 class SplitFeatures:
     caption_id: list[str]
-    caption_video: torch.Tensor  # [N] row of each caption's video in the video tensors
-    sentence: torch.Tensor  # [N, D]
-    words: torch.Tensor  # [N, L, D]
+    caption_video: torch.Tensor  # [N] int64 row of each caption's video in the video tensors
+    sentence: torch.Tensor  # [N, D] float32
+    words: torch.Tensor  # [N, L, D] the cache's dtype (float16): convert the rows you take with .float()
     word_mask: torch.Tensor  # [N, L] bool
-    word_logits: torch.Tensor  # [N, L]
+    word_logits: torch.Tensor  # [N, L] float32
     video_id: list[str]
-    frames: torch.Tensor  # [M, F, D]
+    frames: torch.Tensor  # [M, F, D] float32
     frame_mask: torch.Tensor  # [M, F] bool
-    frame_logits: torch.Tensor  # [M, F]
+    frame_logits: torch.Tensor  # [M, F] float32
 
     @property
     def width(self) -> int:
@@ -40,7 +47,7 @@ def load_split(cache: CacheReader | Path, split: str) -> SplitFeatures:
     f = lambda a: torch.from_numpy(a).float()  # noqa: E731
     return SplitFeatures(
         caption_id=text.caption_id, caption_video=torch.from_numpy(video.index_of(text.video_id)),
-        sentence=f(text.sentence), words=f(text.words), word_mask=torch.from_numpy(text.word_mask),
+        sentence=f(text.sentence), words=torch.from_numpy(text.words), word_mask=torch.from_numpy(text.word_mask),
         word_logits=f(text.word_logits), video_id=video.video_id, frames=f(video.frames),
         frame_mask=torch.from_numpy(video.frame_mask), frame_logits=f(video.frame_logits),
     )

@@ -13,9 +13,11 @@ A non-finite loss or gradient stops training with an error; the last epoch's fil
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -55,11 +57,61 @@ def batch_candidates(f: SplitFeatures, rows: torch.Tensor, k: int, pools=None):
         k = min(k, video_pool.shape[1] + 1)
         return (torch.cat([vid[:, None], video_pool[rows, :k - 1]], 1),
                 torch.cat([rows[:, None], caption_pool[vid, :k - 1]], 1))
-    with torch.no_grad():
-        sim = wti_similarity(f.words[rows], f.word_mask[rows], f.word_logits[rows],
+    with torch.no_grad():  # words are kept in the cache's float16 (features.py): convert the batch's rows
+        sim = wti_similarity(f.words[rows].float(), f.word_mask[rows], f.word_logits[rows],
                              f.frames[vid], f.frame_mask[vid], f.frame_logits[vid])
     same = same_video_mask(vid)
     return vid[positive_first(sim, same, k)], rows[positive_first(sim.t(), same, k)]
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, U, ...] (or [B, U]), index [B, K] into U -> x[b, index[b, k]]: [B, K, ...]."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _shared(cand: torch.Tensor, limit: int):
+    """(unique rows [U], position of each candidate in them [B, K]) when few distinct items make up
+    the candidates (U <= limit: in-batch negatives are the batch's own items), else None."""
+    uniq, inverse = torch.unique(cand, return_inverse=True)
+    return (uniq, inverse) if len(uniq) <= limit else None
+
+
+def denoise_pairs(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, cand_v: torch.Tensor,
+                  cand_t: torch.Tensor, x_t2v: torch.Tensor, x_v2t: torch.Tensor, t: torch.Tensor,
+                  shared: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 predictions of both denoisers [B, K] for the pairs `rows` with candidates cand_v / cand_t.
+
+    The same as t2v(x_t2v, t, sentence[rows], frames[cand_v], mask[cand_v]) and v2t(x_v2t, t,
+    sentence[cand_t], frames[vid], mask[vid]), but when the candidates are few distinct items (always
+    so with in-batch negatives: the batch's own videos and captions) the step-independent context is
+    built once per distinct item with the denoisers' `prepare_shared` and gathered into candidate
+    order: no [B, K, F, D] copy of the frames, and the v2t text terms (the decoder's first layer, the
+    key projection) run over the U distinct captions instead of B x K candidates. `shared`: force the
+    plain path (False) or the shared one (True); None decides by the number of distinct items.
+    """
+    B, K = cand_v.shape
+    vid = f.caption_video[rows]
+    limit = 2 * K if shared is None else (cand_v.numel() if shared else 0)
+    text, frames, fmask = f.sentence[rows], f.frames[vid], f.frame_mask[vid]
+    sv = _shared(cand_v, limit)
+    if sv is None:
+        ctx = t2v.prepare(text, f.frames[cand_v], f.frame_mask[cand_v])
+    else:
+        uniq, inv = sv
+        ctx = t2v.prepare_shared(text, f.frames[uniq], f.frame_mask[uniq])
+        ctx = replace(ctx, videos=_take(ctx.videos, inv), dec_videos=_take(ctx.dec_videos, inv))
+    out_t2v = t2v.denoise(x_t2v, t, ctx)
+    st = _shared(cand_t, limit)
+    if st is None:
+        ctx = v2t.prepare(f.sentence[cand_t], frames, fmask)
+    else:
+        uniq, inv = st
+        ctx = v2t.prepare_shared(f.sentence[uniq], frames, fmask)
+        ctx = replace(ctx, texts=_take(ctx.texts, inv), pooled=_take(ctx.pooled, inv),
+                      base_logits=_take(ctx.base_logits, inv), dec_texts=_take(ctx.dec_texts, inv))
+    return out_t2v, v2t.denoise(x_v2t, t, ctx)
 
 
 def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
@@ -74,9 +126,57 @@ def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Ten
     x0 = one_hot_x0(k, B, cfg.x0, device=dev)
     t = torch.randint(0, schedule.num_train_timesteps, (B,), generator=gen, device=dev)
     noise = torch.randn(2, B, k, generator=gen, device=dev)
-    out_t2v = t2v(schedule.add_noise(x0, noise[0], t), t, f.sentence[rows], f.frames[cand_v], f.frame_mask[cand_v])
-    out_v2t = v2t(schedule.add_noise(x0, noise[1], t), t, f.sentence[cand_t], f.frames[vid], f.frame_mask[vid])
+    out_t2v, out_v2t = denoise_pairs(t2v, v2t, f, rows, cand_v, cand_t, schedule.add_noise(x0, noise[0], t),
+                                     schedule.add_noise(x0, noise[1], t), t)
     return generation_loss(out_t2v, None, cfg.loss, x0) + generation_loss(out_v2t, None, cfg.loss, x0)
+
+
+def build_models(width: int, cfg: GeneratorConfig, device) -> tuple:
+    """-> (t2v, v2t, params, optimizer, EMA copies) as train_generator trains them (seed first)."""
+    t2v, v2t = T2VDenoiser(width, cfg.temp).to(device), V2TDenoiser(width, cfg.temp).to(device)
+    params = list(t2v.parameters()) + list(v2t.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) for m in (t2v, v2t)] if cfg.ema > 0 else []
+    return t2v, v2t, params, opt, ema
+
+
+def train_step(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
+               cfg: GeneratorConfig, gen: torch.Generator, opt: torch.optim.Optimizer, params: list, ema: list,
+               pools=None) -> float | None:
+    """One optimisation step on the pairs `rows`: loss, backward, gradient clipping, AdamW, EMA.
+
+    -> the loss (None: the batch has no negatives, nothing done). A non-finite loss or gradient norm
+    is returned as is, with the weights left untouched (the caller stops).
+    """
+    loss = batch_loss(t2v, v2t, f, rows, schedule, cfg, gen, pools)
+    if loss is None:
+        return None
+    value = loss.item()
+    if not math.isfinite(value):
+        return value
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+    if not math.isfinite(norm):
+        return norm
+    opt.step()
+    for e, m in zip(ema, (t2v, v2t)):
+        e.update_parameters(m)
+    return value
+
+
+@contextlib.contextmanager
+def flush_denormals(device: torch.device):
+    """On the CPU, flush float32 denormals to zero while training. The cross-entropy of 100 x0_hat
+    drives most softmax probabilities below 1e-38, and x86 arithmetic on such denormal gradients is
+    about 10x slower (a 128 x 128 step: 16 s -> 5 s on 2 cores); values that small change nothing.
+    Afterwards PyTorch's default (off) is restored. GPUs need no such switch."""
+    flush = torch.device(device).type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
 
 
 def resume_config(out: Path, overrides: dict) -> GeneratorConfig:
@@ -100,11 +200,12 @@ def _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epochs_done, seco
 
 
 def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=None, log=print,
-                    resume: bool = False) -> dict:
+                    resume: bool = False, max_steps: int | None = None) -> dict:
     """Train both denoisers on the cache's train split; write the checkpoint and generator.json.
 
     resume: continue the run in `out` from its last finished epoch (`cfg` must match the saved run
-    except for RESUMABLE settings; see resume_config). -> the generator.json dict.
+    except for RESUMABLE settings; see resume_config). max_steps: stop every epoch after that many
+    steps (benchmarks/train_speed.py times a part of an epoch this way). -> the generator.json dict.
     """
     t0 = time.time()
     cfg.validate()
@@ -119,11 +220,8 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     torch.manual_seed(cfg.seed)
     feats = load_split(reader, "train").to(device)
     width, n = feats.width, len(feats.caption_id)
-    t2v, v2t = T2VDenoiser(width, cfg.temp).to(device), V2TDenoiser(width, cfg.temp).to(device)
+    t2v, v2t, params, opt, ema = build_models(width, cfg, device)
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
-    params = list(t2v.parameters()) + list(v2t.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) for m in (t2v, v2t)] if cfg.ema > 0 else []
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history, start, spent = [], 0, 0.0
     if state is not None:
@@ -146,31 +244,25 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
         pools = tuple(p.to(device) for p in pools)
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
+    steps = steps_per_epoch if max_steps is None else max(0, min(steps_per_epoch, max_steps))
     final = lambda: [e.module for e in ema] if ema else [t2v, v2t]  # noqa: E731  (evaluation uses the EMA)
     meta = None
     Path(out).mkdir(parents=True, exist_ok=True)
     for epoch in range(start, cfg.epochs):
         order = torch.randperm(n, generator=gen, device=device)
         label = f"generator epoch {epoch + 1}/{cfg.epochs}"
-        task = progress.add_task(label, total=steps_per_epoch) if progress else None
+        task = progress.add_task(label, total=steps) if progress else None
         total, count = 0.0, 0
-        for s in range(steps_per_epoch):
-            loss = batch_loss(t2v, v2t, feats, order[s * batch:(s + 1) * batch], schedule, cfg, gen, pools)
-            if loss is not None:
-                value = loss.item()
-                if math.isfinite(value):
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    value = value if math.isfinite(norm.item()) else norm.item()
+        for s in range(steps):
+            with flush_denormals(device):
+                value = train_step(t2v, v2t, feats, order[s * batch:(s + 1) * batch], schedule, cfg, gen, opt,
+                                   params, ema, pools)
+            if value is not None:
                 if not math.isfinite(value):
                     kept = (f"the checkpoint of epoch {epoch} in {out} is kept" if epoch > 0 and (
                         Path(out) / "generator.pt").is_file() else "no checkpoint was written")
                     raise TrainingError(f"loss or gradient became {value} at epoch {epoch + 1} step {s + 1}; "
                                         f"stopped, {kept}; lower --lr and continue with --resume")
-                opt.step()
-                for e, m in zip(ema, (t2v, v2t)):
-                    e.update_parameters(m)
                 total, count = total + value, count + 1
             if progress:
                 progress.update(task, advance=1, description=f"{label} loss {total / max(count, 1):.3f}")

@@ -41,7 +41,9 @@ def check_gathered_gradients(info: DistInfo) -> None:
             if grads[name].grad is None:
                 assert p.grad is None or not p.grad.any(), name
                 continue
-            assert torch.allclose(p.grad, grads[name].grad, rtol=1e-4, atol=1e-7), (loss_name, name)
+            ref_grad = grads[name].grad  # float32 sums in another order: tolerance on the tensor's scale
+            assert torch.allclose(p.grad, ref_grad, rtol=1e-4, atol=1e-7 + 1e-5 * float(ref_grad.abs().max())), (
+                loss_name, name, float((p.grad - ref_grad).abs().max()))
             checked += 1
         assert checked > 50 and model.clip.logit_scale.grad is not None
         assert torch.allclose(model.clip.logit_scale.grad, ref.clip.logit_scale.grad, rtol=1e-4), loss_name
