@@ -66,16 +66,51 @@ def read_shard(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np
         return {n: f[n][...] for n in names}
 
 
+def _raw_chunks(ds: h5py.Dataset, dest: np.ndarray) -> list[tuple[int, int]] | None:
+    """(first row, file offset) of every chunk of `ds` when its bytes on disk are exactly the
+    rows of `dest` (no filters, full-width row chunks, same dtype and byte order, every chunk
+    allocated); None when HDF5 must do the reading (any other layout)."""
+    if not dest.flags.c_contiguous or ds.dtype != dest.dtype:  # equal dtypes: equal byte order too
+        return None
+    dcpl = ds.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.CHUNKED or dcpl.get_nfilters() or ds.chunks[1:] != ds.shape[1:]:
+        return None
+    if not hasattr(ds.id, "chunk_iter"):
+        return None
+    chunks: list[tuple[int, int]] = []
+    ds.id.chunk_iter(lambda info: chunks.append((info.chunk_offset[0], info.byte_offset)))
+    if len(chunks) != -(-ds.shape[0] // ds.chunks[0]):  # unallocated chunks read as fill values
+        return None
+    return chunks
+
+
 def read_shard_into(path: Path, out: dict[str, np.ndarray], start: int) -> int:
-    """Read every dataset named in `out` into out[name][start:start + rows] (no intermediate
-    copy: h5py reads straight into the slice); returns the shard's row count."""
-    with h5py.File(path, "r") as f:
+    """Read every dataset named in `out` into out[name][start:start + rows]; returns the shard's
+    row count. The cache's own layout (uncompressed row chunks) is read with one `preadv` per
+    chunk straight into the destination rows: HDF5's own path bounces each chunk through a
+    temporary buffer (an extra copy of every byte). Any other layout goes through h5py."""
+    path = Path(path)
+    with h5py.File(path, "r") as f, open(path, "rb", buffering=0) as raw:
         rows = None
         for name, dest in out.items():
             ds = f[name]
             rows = ds.shape[0]
-            if rows:
+            if not rows:
+                continue
+            part = dest[start:start + rows]
+            chunks = _raw_chunks(ds, part)
+            if chunks is None:
                 ds.read_direct(dest, dest_sel=np.s_[start:start + rows])
+                continue
+            flat = part.reshape(-1).view(np.uint8)
+            row_bytes, step = part[0].nbytes, ds.chunks[0]
+            for r0, offset in chunks:
+                view = memoryview(flat[r0 * row_bytes:min(r0 + step, rows) * row_bytes])
+                while view:
+                    got = os.preadv(raw.fileno(), [view], offset)
+                    if got <= 0:
+                        raise OSError(f"{path}: unexpected end of file reading {name}")
+                    view, offset = view[got:], offset + got
         return int(rows or 0)
 
 

@@ -6,6 +6,8 @@ at most `timeout` seconds for the frames. A helper that overruns is killed and r
 dies on its own (a decoder crash) is replaced too; either way the video gets a one-line reason
 and the run goes on. The helper only demuxes and decodes (decord / PyAV into NumPy, no torch);
 it dies with its parent (PR_SET_PDEATHSIG on Linux) or when its request pipe closes.
+Frames cross the pipe as their raw bytes after a small pickled header (shape, dtype), read
+straight into the array the caller gets: no pickling of pixels, no intermediate copies.
 """
 from __future__ import annotations
 
@@ -33,33 +35,53 @@ class _Closed(Exception):
     pass
 
 
-def _write(fd: int, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(data)) + data)
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view):]
 
 
-def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
-    chunks, left = [], n
+def _write(fd: int, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    _write_all(fd, _HEADER.pack(len(data)) + data)
+
+
+def _read_into(fd: int, view: memoryview, deadline: float | None) -> None:
+    """Fill `view` from `fd`, waiting at most until `deadline` (time.monotonic) for each block."""
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP)
-    while left:
+    while view:
         if deadline is not None:
             wait = deadline - time.monotonic()
             if wait <= 0 or not poller.poll(max(1, int(wait * 1000))):
                 raise _Timeout
-        block = os.read(fd, min(left, 1 << 22))
-        if not block:
+        got = os.readv(fd, [view[:1 << 22]])
+        if not got:
             raise _Closed
-        chunks.append(block)
-        left -= len(block)
-    return b"".join(chunks)
+        view = view[got:]
+
+
+def _read_exact(fd: int, n: int, deadline: float | None) -> bytes:
+    buf = bytearray(n)
+    _read_into(fd, memoryview(buf), deadline)
+    return bytes(buf)
 
 
 def _read(fd: int, deadline: float | None = None):
     (n,) = _HEADER.unpack(_read_exact(fd, _HEADER.size, deadline))
     return pickle.loads(_read_exact(fd, n, deadline))
+
+
+def _send_frames(fd: int, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    _write(fd, ("ok", arr.shape, arr.dtype.str))
+    _write_all(fd, arr)
+
+
+def _receive_frames(fd: int, shape, dtype: str, deadline: float | None) -> np.ndarray:
+    arr = np.empty(shape, np.dtype(dtype))
+    _read_into(fd, memoryview(arr).cast("B"), deadline)
+    return arr
 
 
 def _die_with_parent() -> None:
@@ -72,19 +94,21 @@ def _die_with_parent() -> None:
 
 
 def _serve(requests: int, results: int) -> None:
-    """The helper's loop: (path, spec) in, ("ok", frames) or ("err", reason) out, until EOF."""
+    """The helper's loop: (path, spec) in; ("ok", shape, dtype) + the frames' bytes, or
+    ("err", reason), out; until EOF."""
     while True:
         try:
             path, spec = _read(requests)
         except _Closed:
             return
         try:
-            msg = ("ok", _video._decode(Path(path), spec))
+            arr = _video._decode(Path(path), spec)
         except _video.VideoDecodeError as e:
-            msg = ("err", e.reason)
+            _write(results, ("err", e.reason))
         except BaseException as e:  # noqa: BLE001  (decoder bugs on odd files)
-            msg = ("err", f"{type(e).__name__}: {_video._first_line(e)}")
-        _write(results, msg)
+            _write(results, ("err", f"{type(e).__name__}: {_video._first_line(e)}"))
+        else:
+            _send_frames(results, arr)
 
 
 class _Helper:
@@ -134,7 +158,10 @@ class _Helper:
             self.start()
         try:
             _write(self.requests, (str(path), spec))
-            kind, value = _read(self.results, time.monotonic() + timeout)
+            deadline = time.monotonic() + timeout
+            kind, *value = _read(self.results, deadline)
+            if kind == "ok":
+                return _receive_frames(self.results, *value, deadline)
         except _Timeout:
             self.stop(kill=True)
             raise _video.VideoDecodeError(
@@ -144,9 +171,7 @@ class _Helper:
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             how = f"signal {signal.Signals(sig).name}" if sig else f"exit status {os.WEXITSTATUS(status)}"
             raise _video.VideoDecodeError(path, f"the decoder crashed ({how})") from None
-        if kind != "ok":
-            raise _video.VideoDecodeError(path, value)
-        return value
+        raise _video.VideoDecodeError(path, value[0])
 
 
 _helper = _Helper()

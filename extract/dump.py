@@ -25,7 +25,7 @@ from diffret.cache.layout import SHARD_DIR
 from diffret.cache.manifest import MANIFEST_NAME
 from diffret.cache.writer import CacheWriter
 
-from .data import DECODE_TIMEOUT, video_loader, window_batches
+from .data import DECODE_TIMEOUT, threads_beside_workers, video_loader, window_batches
 from .model import Stage1Model
 from .video import FrameSpec, normalize
 
@@ -69,25 +69,26 @@ def dump_videos(
     task = progress.add_task(f"encode {split} videos", total=n, completed=min(n, start * size)) if progress else None
     mean, std = torch.tensor(spec.mean, device=device), torch.tensor(spec.std, device=device)
     window = start
-    for frames, mask, idx, reasons in video_loader(paths, spec, batch_size, workers, timeout=timeout,
-                                                   batches=batches) if batches else []:
-        ok = mask.any(dim=1)
-        bad = torch.nonzero(~ok).flatten().tolist()
-        writer.add_failures([(video_ids[idx[i]], str(paths[idx[i]]), reasons[i]) for i in bad], split=split)
-        if ok.any():
-            frames = normalize(frames[ok].to(device, non_blocking=True), mean, std)
-            with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-                out = model.encode_video(frames, mask[ok].to(device))
-            keep = idx[ok].tolist()
-            writer.add_video(
-                split, [video_ids[i] for i in keep], [str(paths[i]) for i in keep],
-                _np16(out["frames"]), out["frame_mask"].cpu().numpy(), _np16(out["frame_logits"]),
-            )
-        if int(idx[-1]) + 1 == min((window + 1) * size, n):  # last batch of the window: its shard is done
-            writer.end_shard("video", split)
-            window += 1
-        if progress:
-            progress.update(task, advance=len(idx))
+    with threads_beside_workers(workers if batches else 0, device):
+        for frames, mask, idx, reasons in video_loader(paths, spec, batch_size, workers, timeout=timeout,
+                                                       batches=batches) if batches else []:
+            ok = mask.any(dim=1)
+            bad = torch.nonzero(~ok).flatten().tolist()
+            writer.add_failures([(video_ids[idx[i]], str(paths[idx[i]]), reasons[i]) for i in bad], split=split)
+            if ok.any():
+                frames = normalize(frames[ok].to(device, non_blocking=True), mean, std)
+                with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
+                    out = model.encode_video(frames, mask[ok].to(device))
+                keep = idx[ok].tolist()
+                writer.add_video(
+                    split, [video_ids[i] for i in keep], [str(paths[i]) for i in keep],
+                    _np16(out["frames"]), out["frame_mask"].cpu().numpy(), _np16(out["frame_logits"]),
+                )
+            if int(idx[-1]) + 1 == min((window + 1) * size, n):  # last batch of the window: its shard is done
+                writer.end_shard("video", split)
+                window += 1
+            if progress:
+                progress.update(task, advance=len(idx))
     if progress:
         progress.remove_task(task)
     ids = set(video_ids)

@@ -14,6 +14,7 @@ from .annotations import load_annotations
 from .backbone import get_tokenizer
 from .checkpoint import STAGE1_NAME, resolve_stage1_config
 from .config import ExtractConfig, recipe_mismatch
+from .data import threads_beside_workers
 from .dump import check_output, dump_texts, dump_videos, start_output
 from .distributed import DistInfo, all_gather_objects, barrier, init_distributed, on_main, rank_slice
 from .finetune import stage1_model
@@ -78,11 +79,15 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
             continue
         vids = ann.video_ids(split)
         mine = vids[rank_slice(len(vids), info)]
-        for part in all_gather_objects(dump_videos(
-            model, writer, split, mine, [ann.videos[v] for v in mine], spec, device,
-            batch_size=max(1, min(cfg.batch_size, 64)), workers=cfg.workers, amp=cfg.amp, progress=progress,
-            timeout=cfg.decode_timeout,
-        ), info):
+        # While videos decode, the model gets the cores the decoding workers leave (a setting that
+        # depends on the machine and --workers only: every run of a dump computes the same tensors).
+        with threads_beside_workers(cfg.workers, device):
+            done = dump_videos(
+                model, writer, split, mine, [ann.videos[v] for v in mine], spec, device,
+                batch_size=max(1, min(cfg.batch_size, 64)), workers=cfg.workers, amp=cfg.amp, progress=progress,
+                timeout=cfg.decode_timeout,
+            )
+        for part in all_gather_objects(done, info):
             failed_videos.update(part)
         caps = [c for c in caps if c.video_id not in failed_videos]
         my_caps = caps[rank_slice(len(caps), info)]

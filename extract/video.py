@@ -169,8 +169,11 @@ def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [k, 3, H, W] -> uint8 [k, 3, size, size]: shortest side to `size`, centre crop.
 
-    Bicubic with antialiasing (torch's antialiased bicubic matches PIL's, which CLIP used); the
-    long side becomes int(size * long / short) and the crop offset round((dim - size) / 2), as
+    Bicubic with antialiasing, computed by torch's uint8 kernel, which follows PIL's fixed-point
+    resampling (what CLIP's preprocessing used): within 1 grey level of PIL almost everywhere
+    (mean difference about 0.01), and 10x faster than resizing in float32, whose overshoot is
+    clamped differently (up to 25 levels off PIL on sharp edges). The long side becomes
+    int(size * long / short) and the crop offset round((dim - size) / 2), as
     torchvision.transforms.Resize + CenterCrop compute them.
     """
     h, w = frames.shape[-2:]
@@ -178,10 +181,17 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     new_short, new_long = size, int(size * long / short)
     new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
     if (new_h, new_w) != (h, w):
-        x = F.interpolate(frames.float(), size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
-        frames = x.clamp_(0, 255).round_().to(torch.uint8)
+        frames = _resize_bicubic_uint8(frames, new_h, new_w)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
     return frames[..., top : top + size, left : left + size].contiguous()
+
+
+def _resize_bicubic_uint8(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    try:
+        return F.interpolate(frames, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+    except (RuntimeError, NotImplementedError):  # a torch without the uint8 kernel: resize in float32
+        x = F.interpolate(frames.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        return x.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def read_frames(path, spec: FrameSpec, timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -173,10 +173,13 @@ def test_resize_center_crop_matches_torchvision_and_pil():
         tvf.resize(img, 24, interpolation=tvf.InterpolationMode.BICUBIC, antialias=True), [24, 24]
     )
     assert out.shape == ref.shape == (2, 3, 24, 24)
-    assert (out.int() - ref.int()).abs().max() <= 1  # same op; torchvision rounds differently
-    pil = Image.fromarray(img[0].permute(1, 2, 0).numpy())
-    pil_ref = tvf.pil_to_tensor(tvf.center_crop(tvf.resize(pil, 24, interpolation=tvf.InterpolationMode.BICUBIC), [24, 24]))
-    assert (out[0].int() - pil_ref.int()).abs().float().mean() < 1.0  # CLIP's PIL preprocessing
+    # same geometry; torchvision resizes uint8 tensors in float32 for bicubic (overshoot clamped)
+    assert (out.int() - ref.int()).abs().float().mean() < 0.5
+    for i in range(2):  # CLIP's PIL preprocessing: torch's uint8 kernel follows PIL's fixed point
+        pil = Image.fromarray(img[i].permute(1, 2, 0).numpy())
+        pil_ref = tvf.pil_to_tensor(tvf.center_crop(tvf.resize(pil, 24, interpolation=tvf.InterpolationMode.BICUBIC), [24, 24]))
+        diff = (out[i].int() - pil_ref.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.05
 
 
 def test_resize_skipped_when_shortest_side_already_fits():
