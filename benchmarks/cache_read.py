@@ -4,7 +4,7 @@ Builds a synthetic cache with the project's writer, then, with the files in the 
 (each measurement repeated; the best of the repeats is kept):
 - raw: reading every shard file of the split start to end into fresh memory (`f.read()`);
 - CacheReader: `reader.text(split)` + `reader.video(split)` (float16 arrays, as stored);
-- load_split: what `train-generator` and `evaluate` call (adds the float32 conversion).
+- load_split: what `train-generator` and `evaluate` call (words stay float16; the other tensors become float32).
 Reports MB/s for each and the ratio to raw (target: CacheReader >= 50% of raw).
 Usage: python benchmarks/cache_read.py [--videos 9000 --captions-per-video 20] --json FILE
 """

@@ -219,8 +219,8 @@ class CacheWriter:
             for e in entries:
                 if e["file"]:
                     shards.append(ShardRecord(file=e["file"], kind=kind, split=split, rows=e["rows"], sha256=e["sha256"]))
-                for i, r in enumerate(e["index_rows"]):
-                    tables[kind].append({**r, "shard": Path(e["file"]).name, "row": i})
+                name = Path(e["file"]).name
+                tables[kind].extend({**r, "shard": name, "row": i} for i, r in enumerate(e["index_rows"]))
         in_cache = {r["video_id"] for r in tables["video"]}
         failures = sorted((v, p, r) for v, (p, r) in self.failures.items() if v not in in_cache)
         splits: dict[str, dict] = {}
