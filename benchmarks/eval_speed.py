@@ -4,20 +4,37 @@ Builds an MSRVTT-sized synthetic cache (default 1,000 captions x 1,000 videos, 1
 words, width 512) with the project's writer, computes the stage-1 WTI scores, then samples
 50 DDIM steps in both directions:
 
-- diffret: all queries at once (chunked only to bound memory); the step-independent half of
-  the denoiser (`prepare`) runs once, outside the step loop.
+- diffret (`generator/rerank.py`): x_T drawn per chunk of queries, the work in cache-sized
+  blocks that run all steps while their context stays in L2, step-independent parts (`prepare`,
+  the time embedding's share of every logit and of the decoder input) computed once per block.
 - baseline (the original's way): chunks of 32 queries, each query's top-32 candidates, one full
   denoiser call per step per chunk (the formula as written, everything recomputed every step).
 
 Both start from the same x_T, so their final scores must agree; the JSON says by how much.
 Usage: python benchmarks/eval_speed.py --device cpu --json out.json [--queries 1000] [--skip-all]
+
+`--growth 1000,10000,100000` instead measures evaluation's memory as the test set grows, each size
+in a fresh process (peak RSS = ru_maxrss; on cuda also torch.cuda.max_memory_allocated), on
+synthetic features built in memory (words float16 as `load_split` keeps them): the in-memory path
+(S and a matrix per row) where it fits the default budget and is cheap enough to run (1,000), and
+the streamed path (`pipeline/streaming.py`) at every size. Past 1,000 the streamed passes stop
+after `--max-blocks` blocks of `--block` captions (a full WTI pass at 100k x 100k is ~4e15 FLOPs,
+days on 2 cores): their memory, O(N K + block N) besides the features, is reached in the first
+block; the JSON marks those rows "partial".
+
+The JSON records the OpenMP wait policy, the thread count and the load averages: on a CPU shared
+with other jobs, the default (spinning) OpenMP threads of the original's loop wait at every op for a
+descheduled partner (diffret's hot loops run independent blocks on single-threaded workers instead,
+see cache/wti.py `run_blocks`); OMP_WAIT_POLICY=PASSIVE is fairer to the baseline under load.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +96,109 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Linux: restart the peak-RSS count (VmHWM) from the current RSS, so the peak of what follows
+    can be read without the peak of building the inputs. False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def environment(device) -> dict:
+    return {"machine": f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads"
+            + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default: spin)"), "load_avg": os.getloadavg()}
+
+
+def synthetic_features(n: int, width: int = 512, frames: int = 12, words: int = 32, seed: int = 0):
+    """SplitFeatures of n captions x n videos built in memory (words float16, as load_split keeps them)."""
+    from diffret.generator.features import SplitFeatures
+
+    g = torch.Generator().manual_seed(seed)
+    fr = torch.empty(n, frames, width)
+    wo = torch.empty(n, words, width, dtype=torch.float16)
+    for s in range(0, n, 1024):
+        e = min(n, s + 1024)
+        fr[s:e] = torch.randn(e - s, frames, width, generator=g)
+        wo[s:e] = (fr[s:e].mean(1, keepdim=True) + 2 * torch.randn(e - s, words, width, generator=g)).half()
+    fmask = torch.arange(frames)[None] < (frames - torch.randint(0, 3, (n,), generator=g))[:, None]
+    wmask = torch.arange(words)[None] < torch.randint(6, words, (n,), generator=g)[:, None]
+    return SplitFeatures([f"c{i}" for i in range(n)], torch.arange(n), wo[:, -1].float(), wo, wmask,
+                         torch.randn(n, words, generator=g), [f"v{i}" for i in range(n)], fr, fmask,
+                         torch.randn(n, frames, generator=g))
+
+
+def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, steps: int) -> dict:
+    """Peak memory of one evaluation (stage-1, diffusion top-32 and DSL rows) of n x n items."""
+    from diffret.pipeline.evaluate import EvalOptions, protocol_metrics
+    from diffret.pipeline.revisers import dual_softmax
+    from diffret.pipeline.streaming import in_memory_bytes, streamed_metrics
+
+    t0 = time.perf_counter()
+    f = synthetic_features(n)
+    features_mb = rss_mb()
+    reset = reset_peak_rss()
+    opts = EvalOptions(top_k=32, steps=steps, dsl=True)
+    t2v, v2t = T2VDenoiser(f.width).to(device).eval(), V2TDenoiser(f.width).to(device).eval()
+    smp = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=steps)), steps)
+    row = {"items": n, "mode": mode, "features_rss_mb": round(features_mb, 1),
+           "in_memory_bytes_formula_mb": round(in_memory_bytes(n, n, True, True, False) / 2**20, 1)}
+    if mode == "in-memory":
+        S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
+                                   device=device)
+        common = dict(sampler=smp, top_k=32, device=device)
+        d = (rerank(S, t2v, f.sentence, None, f.frames, f.frame_mask, **common),
+             rerank(S.t().contiguous(), v2t, f.frames, f.frame_mask, f.sentence, None, **common))
+        rows = {"discriminative": (S, S.t()), "diffusion": d,
+                "dsl": (dual_softmax(S, 1.0, 100.0), dual_softmax(S.t(), 1.0, 100.0))}
+        results = {k: protocol_metrics(a, b, f.caption_video) for k, (a, b) in rows.items()}
+    else:
+        results, info = streamed_metrics(f, opts, device, (None, t2v, v2t, None), smp, None, 100.0, block=block,
+                                         max_blocks=max_blocks)
+        row.update(block_captions=info["block_captions"], partial=max_blocks is not None,
+                   blocks_per_pass=min(max_blocks or 10**9, -(-n // info["block_captions"])),
+                   state_formula="features O(N (L + F) D) + state 12 B x K x (Nt + Nv) + block 16-48 B x block x Nv")
+    row.update(peak_rss_mb=round(peak_rss_mb(), 1),  # the process's, building the features included
+               eval_peak_rss_mb=round(hwm_mb(), 1) if reset else None,  # peak RSS during evaluation only
+               eval_over_features_mb=round(hwm_mb() - features_mb, 1) if reset else None,
+               seconds=round(time.perf_counter() - t0, 1), **environment(device))
+    if device.type == "cuda":
+        row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if not row.get("partial"):
+        row["metrics"] = {k: {d: v[d]["R@1"] for d in ("t2v", "v2t")} for k, v in results.items()}
+    return row
+
+
+def growth(args) -> list[dict]:
+    rows = []
+    for n in args.growth:
+        for mode in (["in-memory"] if n <= 1000 else []) + ["streamed"]:
+            cmd = [sys.executable, __file__, "--growth-one", str(n), "--mode", mode, "--device", args.device,
+                   "--block", str(args.block), "--steps", str(args.steps)]
+            if n > 1000:
+                cmd += ["--max-blocks", str(args.max_blocks)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -89,9 +209,29 @@ def main():
     ap.add_argument("--chunk", type=int, default=1000, help="diffret's query chunk")
     ap.add_argument("--skip-all", action="store_true", help="skip generation over the whole gallery")
     ap.add_argument("--cache", type=Path, help="reuse a synthetic cache folder")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    ap.add_argument("--skip-baseline", action="store_true", help="time diffret alone (no baseline, no check)")
+    ap.add_argument("--growth", type=lambda v: [int(x) for x in v.split(",")],
+                    help="measure memory growth at these sizes instead (e.g. 1000,10000,100000)")
+    ap.add_argument("--block", type=int, default=256, help="--growth: captions per streamed block")
+    ap.add_argument("--max-blocks", type=int, default=1, help="--growth: blocks per streamed pass past 1,000 items")
+    ap.add_argument("--growth-one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="streamed", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.growth_one:
+        print(json.dumps(growth_one(args.growth_one, args.mode, device, args.block,
+                                    args.max_blocks if args.growth_one > 1000 else None, args.steps)))
+        return
+    if args.growth:
+        rows = growth(args)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return
+    env0 = environment(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache or Path(tmp) / "cache"
@@ -127,7 +267,7 @@ def main():
             fast = rerank(scores, model, q, qm, g, gm, sampler, top_k=k, chunk=chunk, seed=0, device=device)
             sync(device)
             diffret_s += time.perf_counter() - t0
-            if top_k == 32:
+            if top_k == 32 and not args.skip_baseline:
                 x_T = initial_noise(len(scores), k, chunk, 0, device)
                 t0 = time.perf_counter()
                 slow = baseline_rerank(scores, model, q, qm, g, gm, sampler, x_T, top_k=k, device=device)
@@ -135,14 +275,13 @@ def main():
                 baseline_s += time.perf_counter() - t0
                 max_diff = max(max_diff, (fast - slow).abs().max().item())
         row["diffret_s"] = round(diffret_s, 3)
-        if top_k == 32:
+        if top_k == 32 and not args.skip_baseline:
             row.update(baseline_s=round(baseline_s, 3), speedup=round(baseline_s / diffret_s, 1),
                        max_abs_score_diff=max_diff, same_scores=bool(max_diff < 1e-4))
         row["peak_rss_mb"] = round(peak_rss_mb(), 1)
         if device.type == "cuda":
             row["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        row["machine"] = f"{platform.machine()} {torch.get_num_threads()} threads" + (
-            f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
+        row.update(environment(device), load_avg_start=env0["load_avg"])
         rows.append(row)
         print(json.dumps(row))
     if args.json:

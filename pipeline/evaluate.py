@@ -33,6 +33,7 @@ from diffret.generator.trainer import resolve_device
 
 from .metrics import ranks, recall_metrics
 from .revisers import dual_softmax, qb_norm, query_bank
+from .streaming import DEFAULT_MEMORY_BUDGET, check_streamable, in_memory_bytes, streamed_metrics
 
 
 @dataclass
@@ -54,6 +55,7 @@ class EvalOptions:
     device: str = "auto"
     seed: int = 0
     allow_other_cache: bool = False  # accept a cache from another stage-1 model (same width)
+    memory_budget: int | None = None  # bytes of score matrices held in memory; past it, stream (None: 2 GiB)
 
 
 @dataclass
@@ -151,28 +153,44 @@ def _bank_blocks(reader: CacheReader, f: SplitFeatures, direction: str, device, 
                                          video.frame_mask[s:e], video.frame_logits[s:e], device=device).t()
 
 
-def revised_rows(data: EvalData, opts: EvalOptions, device) -> tuple[dict, dict]:
-    """The `dsl` and `qbnorm` rows (as asked for) on the stage-1 scores -> (matrices, settings)."""
-    S, out, info = data.scores, {}, {}
+def query_banks(reader: CacheReader, f: SplitFeatures, opts: EvalOptions, device) -> dict:
+    """QB-Norm's query banks {"t2v": QueryBank over videos, "v2t": QueryBank over captions}."""
+    return {d: query_bank(_bank_blocks(reader, f, d, device), len(f.video_id) if d == "t2v" else len(f.caption_id),
+                          opts.qb_beta, opts.qb_k) for d in ("t2v", "v2t")}
+
+
+def reviser_info(opts: EvalOptions, logit_scale: float, banks: dict | None) -> dict:
+    info = {}
     if opts.dsl:
-        scale = float(data.reader.manifest.logit_scale)
-        out["dsl"] = (dual_softmax(S, opts.dsl_temp, scale), dual_softmax(S.t(), opts.dsl_temp, scale))
-        info["dsl"] = {"temp": opts.dsl_temp, "logit_scale": scale, "on": "discriminative"}
-    if opts.qb_norm:
-        banks = {d: query_bank(_bank_blocks(data.reader, data.features, d, device), S.shape[1 if d == "t2v" else 0],
-                               opts.qb_beta, opts.qb_k) for d in ("t2v", "v2t")}
-        out["qbnorm"] = (qb_norm(S, banks["t2v"]), qb_norm(S.t().contiguous(), banks["v2t"]))
+        info["dsl"] = {"temp": opts.dsl_temp, "logit_scale": logit_scale, "on": "discriminative"}
+    if banks is not None:
         info["qbnorm"] = {"beta": opts.qb_beta, "k": opts.qb_k, "on": "discriminative",
                           "bank": {"t2v": banks["t2v"].size, "v2t": banks["v2t"].size}}
-    return out, info
+    return info
+
+
+def revised_rows(data: EvalData, opts: EvalOptions, device) -> tuple[dict, dict]:
+    """The `dsl` and `qbnorm` rows (as asked for) on the stage-1 scores -> (matrices, settings)."""
+    S, out = data.scores, {}
+    scale = float(data.reader.manifest.logit_scale)
+    if opts.dsl:
+        out["dsl"] = (dual_softmax(S, opts.dsl_temp, scale), dual_softmax(S.t(), opts.dsl_temp, scale))
+    banks = query_banks(data.reader, data.features, opts, device) if opts.qb_norm else None
+    if banks is not None:
+        out["qbnorm"] = (qb_norm(S, banks["t2v"]), qb_norm(S.t().contiguous(), banks["v2t"]))
+    return out, reviser_info(opts, scale, banks)
+
+
+def eval_sampler(cfg, opts: EvalOptions):
+    if opts.steps is not None and opts.steps > cfg.steps:
+        raise ValueError(f"--steps {opts.steps} is more than the generator's {cfg.steps} diffusion steps")
+    schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
+    return make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp)
 
 
 def diffusion_row(data: EvalData, cfg, t2v, v2t, opts: EvalOptions, device, progress=None):
     """-> (t2v scores [Nt, Nv], v2t scores [Nv, Nt], sampler) re-ranked by the generator."""
-    if opts.steps is not None and opts.steps > cfg.steps:
-        raise ValueError(f"--steps {opts.steps} is more than the generator's {cfg.steps} diffusion steps")
-    schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
-    smp = make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp)
+    smp = eval_sampler(cfg, opts)
     f, S = data.features, data.scores
     common = dict(sampler=smp, top_k=opts.top_k, alpha=opts.alpha, temp=opts.temp, seed=opts.seed, device=device,
                   progress=progress)
@@ -198,15 +216,34 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
     if generator_dir is not None:
         gen = load_generator(generator_dir, dev)
         check_generator_cache(gen[3], reader, cache_dir, generator_dir, opts.allow_other_cache)
-    data = load_eval_data(cache_dir, opts.split, dev)
-    f, S = data.features, data.scores
-    matrices = {"discriminative": (S, S.t())}
+    budget = opts.memory_budget or DEFAULT_MEMORY_BUDGET
+    counts = reader.manifest.splits.get(opts.split) or {}
+    nt, nv = int(counts.get("captions", 0)), int(counts.get("videos", 0))
+    need = in_memory_bytes(nt, nv, gen is not None, opts.dsl, opts.qb_norm)
+    if need > budget and save_sims_to is not None:
+        raise ValueError(f"--save-sims needs the full {nt} x {nv} score matrices ({need / 2**30:.1f} GiB), over the "
+                         f"{budget / 2**30:.1f} GiB memory budget; evaluate without --save-sims (the metrics stream)")
+    if need > budget:
+        check_streamable(opts, nt, nv, gen is not None)
+        f = load_split(reader, opts.split)
+        if len(f.caption_id) == 0 or len(f.video_id) == 0:
+            raise CacheError(f"{cache_dir} has no {opts.split} captions or videos to evaluate")
+        data = None
+    else:
+        data = load_eval_data(cache_dir, opts.split, dev)
+        f, S = data.features, data.scores
     report = {"cache": str(cache_dir), "generator": str(generator_dir) if generator_dir else None,
               "split": opts.split, "n_queries": len(f.caption_id), "n_candidates": len(f.video_id)}
+    matrices, smp = {}, None
+    if data is not None:
+        matrices["discriminative"] = (S, S.t())
     if gen is not None:
         cfg, t2v, v2t, meta = gen
-        s_t2v, s_v2t, smp = diffusion_row(data, cfg, t2v, v2t, opts, dev, progress)
-        matrices["diffusion"] = (s_t2v, s_v2t)
+        if data is not None:
+            s_t2v, s_v2t, smp = diffusion_row(data, cfg, t2v, v2t, opts, dev, progress)
+            matrices["diffusion"] = (s_t2v, s_v2t)
+        else:
+            smp = eval_sampler(cfg, opts)
         trained_on = meta.get("cache", {})
         report.update({
             "top_k": "all" if opts.top_k is None or opts.top_k >= len(f.video_id) else opts.top_k,
@@ -215,10 +252,18 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
             "generator_cache": trained_on.get("path"),
             "out_of_domain": trained_on.get("path") not in (None, str(Path(cache_dir).resolve())),
         })
-    revised, info = revised_rows(data, opts, dev)
-    matrices.update(revised)
-    report.update(info)
-    report["results"] = {row: protocol_metrics(a, b, f.caption_video) for row, (a, b) in matrices.items()}
+    if data is not None:
+        revised, info = revised_rows(data, opts, dev)
+        matrices.update(revised)
+        report.update(info)
+        report["results"] = {row: protocol_metrics(a, b, f.caption_video) for row, (a, b) in matrices.items()}
+    else:
+        scale = float(reader.manifest.logit_scale)
+        banks = query_banks(reader, f, opts, dev) if opts.qb_norm else None
+        report.update(reviser_info(opts, scale, banks))
+        results, info = streamed_metrics(f, opts, dev, gen, smp, banks, scale, budget, progress=progress)
+        report["results"] = results
+        report["memory"] = {"budget": budget, "in_memory_bytes": need, **info}
     if save_sims_to is not None:
         save_sims(save_sims_to, matrices, f)
         report["sims"] = str(save_sims_to)
