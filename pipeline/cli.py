@@ -252,11 +252,13 @@ def train_generator_cmd(ctx, cache_dir, out, epochs, steps, schedule, beta_scale
 @click.option("--allow-other-cache", is_flag=True,
               help="Evaluate on a cache of another stage-1 model (the width must still match).")
 @click.option("--save-sims", type=click.Path(path_type=Path), help="Save every row's score matrices here (.npz).")
+@click.option("--memory-budget", type=float, default=2.0, show_default=True,
+              help="GiB of score matrices held at once; a larger test set is evaluated in streamed blocks.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics here.")
 def evaluate_cmd(cache_dir, generator_dir, steps, sampler, clamp, top_k, alpha, temp, dsl, dsl_temp, qb_norm, qb_beta,
-                 qb_k, split, allow_other_cache, save_sims, device, seed, json_out):
+                 qb_k, split, allow_other_cache, save_sims, memory_budget, device, seed, json_out):
     """Retrieval metrics in both directions: stage-1 scores, their diffusion re-ranking, DSL, QB-Norm."""
     from .evaluate import EvalOptions, evaluate
 
@@ -269,7 +271,10 @@ def evaluate_cmd(cache_dir, generator_dir, steps, sampler, clamp, top_k, alpha, 
             raise ValueError(f"--top-k must be a positive number or 'all', got {top_k!r}")
         opts = EvalOptions(steps=steps, sampler=sampler, clamp=clamp, top_k=k, alpha=alpha, temp=temp, dsl=dsl,
                            dsl_temp=dsl_temp, qb_norm=qb_norm, qb_beta=qb_beta, qb_k=qb_k, split=split,
-                           device=device, seed=seed, allow_other_cache=allow_other_cache)
+                           device=device, seed=seed, allow_other_cache=allow_other_cache,
+                           memory_budget=int(memory_budget * 2**30))
+        if not memory_budget > 0:
+            raise ValueError(f"--memory-budget must be a positive number of GiB, got {memory_budget}")
         with progress_bar() as p:
             report = evaluate(cache_dir, generator_dir, opts, progress=p, save_sims_to=save_sims)
     title = f"{report['n_queries']} queries x {report['n_candidates']} videos"

@@ -127,3 +127,19 @@ def test_without_a_generator_and_other_samplers(multi, tmp_path):
             "--json", out)
     report = read_json(out)
     assert (report["sampler"], report["steps"], report["clamp"]) == ("ddpm", 5, False)
+
+
+def test_memory_budget_flag_streams_to_the_same_metrics(multi, tmp_path):
+    cache, gen = multi
+    runs = {}
+    for name, budget in (("in_memory", "2"), ("streamed", "1e-9")):
+        out = tmp_path / f"{name}.json"
+        run_cli("evaluate", "--cache", cache, "--generator", gen, "--top-k", 3, "--steps", 5, "--dsl", "--qb-norm",
+                "--memory-budget", budget, "--json", out)
+        runs[name] = read_json(out)["results"]
+    assert set(runs["streamed"]) == {"discriminative", "diffusion", "dsl", "qbnorm"}
+    assert runs["streamed"] == runs["in_memory"]
+    r = run_cli("evaluate", "--cache", cache, "--memory-budget", "0", ok=False)
+    assert r.exit_code == 1 and "--memory-budget" in r.output and r.output.strip().count("\n") == 0, r.output
+    r = run_cli("evaluate", "--cache", cache, "--memory-budget", "1e-9", "--save-sims", tmp_path / "s.npz", ok=False)
+    assert r.exit_code == 1 and "save-sims" in r.output, r.output
