@@ -291,15 +291,11 @@ def make_demo_dataset(out, n_train=1000, n_test=200, seed=0, shifted=False, size
                      "frames": n_frames, "fps": fps, "shifted": shifted, "seed": [seed, 2, int(shifted), i]})
     write_annotations(out, videos, sentences, test_rows)
 
+    # Always rendered in fresh processes: in a process that has imported open_clip (its imports
+    # load other native libraries first), the same frames encode to other bytes.
     total = len(jobs)
-    if workers and workers > 1 and total > 1:
-        with mp.get_context("spawn").Pool(min(workers, total)) as pool:
-            for done, _ in enumerate(pool.imap_unordered(render_video, jobs, chunksize=8), 1):
-                if progress:
-                    progress(done, total)
-    else:
-        for done, job in enumerate(jobs, 1):
-            render_video(job)
+    with mp.get_context("spawn").Pool(max(1, min(workers or 1, total))) as pool:
+        for done, _ in enumerate(pool.imap_unordered(render_video, jobs, chunksize=8), 1):
             if progress:
                 progress(done, total)
 

@@ -40,7 +40,6 @@ def read_csv(path):
 
 
 def frames(root, video_id):
-    # one decoding thread: decord's threaded decoding once returned other frames under load
     vr = decord.VideoReader(str(root / "videos" / f"{video_id}.mp4"), num_threads=1)
     return vr.get_batch(list(range(len(vr)))).asnumpy()
 
@@ -135,7 +134,7 @@ def test_deterministic(datasets):
     root_b, _, _ = datasets["a_again"]
     for name in ANNOTATIONS:
         assert (root_a / name).read_bytes() == (root_b / name).read_bytes(), name
-    for i in range(N_TRAIN + N_TEST):  # the same encoded bytes, whatever the worker count
+    for i in range(N_TRAIN + N_TEST):  # the same encoded bytes, whatever the worker count or process
         path = Path("videos") / f"video{i}.mp4"
         assert (root_a / path).read_bytes() == (root_b / path).read_bytes(), i
 
@@ -159,3 +158,14 @@ def test_shifted_differs(datasets):
     for i in range(N_TRAIN + N_TEST):  # backgrounds differ (mean over the whole first frame)
         fa, fs = frames(root_a, f"video{i}")[0].astype(int), frames(root_s, f"video{i}")[0].astype(int)
         assert np.abs(fa - fs).mean() > 10, i
+
+
+def test_same_bytes_after_open_clip_is_imported(datasets, tmp_path):
+    """Rendering happens in fresh processes, so what this process has loaded cannot change it."""
+    import open_clip  # noqa: F401  (before the fix, importing it changed the encoded bytes)
+
+    root_a, _, _ = datasets["a"]
+    root, _, _ = build(tmp_path / "again", seed=0)
+    for i in range(N_TRAIN + N_TEST):
+        path = Path("videos") / f"video{i}.mp4"
+        assert (root_a / path).read_bytes() == (root / path).read_bytes(), i
