@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import contextmanager
 
 import torch
 
@@ -76,17 +75,6 @@ class _StepTables:
         else:  # logits: base_k + u_k . Wq^T k_proj(c_t) + s_k . Wk^T q_proj(c_t)
             self.gu = (denoiser.k_proj(c) @ denoiser.q_proj.weight).t().contiguous()  # [D, S]
             self.gs = (denoiser.q_proj(c) @ denoiser.k_proj.weight).t().contiguous()  # [D, S]
-
-
-@contextmanager
-def _head_once(denoiser, head):
-    """Within: `denoiser.prepare` reuses `head` instead of multiplying the three [D, 2D] weight
-    matrices again (two [2D, D] x [D, D] products, ~1 GFLOP at D = 512) for every block."""
-    denoiser._fused_head = lambda: head  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        del denoiser._fused_head
 
 
 def _prepare(denoiser, q, qm, g, gm, shared: bool):
@@ -215,8 +203,8 @@ def generate(
             if progress:
                 progress.update(task, advance=e - r)
 
-    with _head_once(denoiser, tables.head):  # steps that draw noise share the generator: one thread
-        run_blocks(run, blocks, device, workers=1 if noisy_steps else None)
+    # steps that draw noise share the generator: one thread
+    run_blocks(run, blocks, device, workers=1 if noisy_steps else None)
     if progress:
         progress.remove_task(task)
     return out
