@@ -162,7 +162,7 @@ def test_shifted_differs(datasets):
 
 def test_same_bytes_after_open_clip_is_imported(datasets, tmp_path):
     """Rendering happens in fresh processes, so what this process has loaded cannot change it."""
-    import open_clip  # noqa: F401  (before the fix, importing it changed the encoded bytes)
+    import open_clip  # noqa: F401  (rendered in this process after it, the bytes differed)
 
     root_a, _, _ = datasets["a"]
     root, _, _ = build(tmp_path / "again", seed=0)
