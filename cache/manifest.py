@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: model.activation, wti_padding (the fidelity round)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -38,7 +38,7 @@ class Manifest:
     width: int  # joint feature width D
     n_words: int  # word slots L per caption (padded)
     n_frames: int  # frame slots F per video (padded)
-    model: dict  # {"name", "pretrained", "fingerprint"}
+    model: dict  # {"name", "pretrained", "fingerprint", "activation"}
     extract_config: dict
     dataset: str = ""
     dtype: str = "float16"
@@ -46,6 +46,9 @@ class Manifest:
     splits: dict = field(default_factory=dict)  # split -> {"captions": n, "videos": n}
     shards: list[ShardRecord] = field(default_factory=list)
     logit_scale: float = 100.0  # stage-1 logit scale, for the revisers that use scaled scores
+    # How WTI treats a padded (word, frame) pair inside its maxima: "zero" (the original: masked
+    # cosines count as 0) or "exclude" (they never win a max). Every scorer of this cache uses it.
+    wti_padding: str = "zero"
 
     @property
     def fingerprint(self) -> str:

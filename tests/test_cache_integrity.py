@@ -147,7 +147,7 @@ def _nan_shard(root):  # a shard holding NaN whose recorded checksum was (wrongl
     (lambda r: (r / "failures.parquet").unlink(), r"failures\.parquet is missing"),
     (lambda r: (r / "videos.parquet").write_bytes(b"PAR1 garbage"), r"videos\.parquet is not readable Parquet"),
     (_nan_shard, r"text-test-00000\.h5: sentence holds NaN or inf \(row 0\)"),
-    (lambda r: _edit_manifest(r, lambda d: d.update(schema_version=SCHEMA_VERSION + 1)), r"schema version 2"),
+    (lambda r: _edit_manifest(r, lambda d: d.update(schema_version=SCHEMA_VERSION + 1)), rf"schema version {SCHEMA_VERSION + 1}"),
 ])
 def test_verify_names_the_first_problem(tmp_path, damage, message):
     root = tmp_path / "c"
@@ -208,8 +208,8 @@ def test_check_compatible():
     one_line(e)
     with pytest.raises(CacheError, match=r"stage-1 model abc123 but the generator was built on stage-1 model ffff"):
         check_compatible(m, width=D, fingerprint="ffff", consumer="the generator")
-    with pytest.raises(CacheError, match=r"schema version 1 but .* expects version 2"):
-        check_compatible(m, schema_version=2, width=512)  # the version is named first
+    with pytest.raises(CacheError, match=rf"schema version {SCHEMA_VERSION} but .* expects version {SCHEMA_VERSION + 1}"):
+        check_compatible(m, schema_version=SCHEMA_VERSION + 1, width=512)  # the version is named first
 
 
 def test_old_schema_cache_is_refused_by_every_command(tmp_path):
