@@ -159,7 +159,7 @@ def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, st
            "in_memory_bytes_formula_mb": round(in_memory_bytes(n, n, True, True, False) / 2**20, 1)}
     if mode == "in-memory":
         S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
-                                   device=device)
+                                   device=device, padding=f.wti_padding)
         common = dict(sampler=smp, top_k=32, device=device)
         d = (rerank(S, t2v, f.sentence, None, f.frames, f.frame_mask, **common),
              rerank(S.t().contiguous(), v2t, f.frames, f.frame_mask, f.sentence, None, **common))
@@ -171,7 +171,8 @@ def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, st
                                          max_blocks=max_blocks)
         row.update(block_captions=info["block_captions"], partial=max_blocks is not None,
                    blocks_per_pass=min(max_blocks or 10**9, -(-n // info["block_captions"])),
-                   state_formula="features O(N (L + F) D) + state 12 B x K x (Nt + Nv) + block 16-48 B x block x Nv")
+                   state_formula="features O(N (L + F) D) + state 12 B x K x (Nt + Nv) + block 16-56 B x block x Nv"
+                                 " (+ 1 B x Nv x videos of several captions a row: none here)")
     row.update(peak_rss_mb=round(peak_rss_mb(), 1),  # the process's, building the features included
                eval_peak_rss_mb=round(hwm_mb(), 1) if reset else None,  # peak RSS during evaluation only
                eval_over_features_mb=round(hwm_mb() - features_mb, 1) if reset else None,
@@ -242,7 +243,7 @@ def main():
         load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
-                               device=device)
+                               device=device, padding=f.wti_padding)
     sync(device)
     stage1_s = time.perf_counter() - t0
 

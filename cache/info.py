@@ -21,7 +21,8 @@ def cache_info(root: Path) -> dict:
     cfg = m.extract_config or {}
     return {
         "path": str(root), "schema_version": m.schema_version, "dataset": m.dataset,
-        "model": dict(m.model), "width": m.width, "n_words": m.n_words, "n_frames": m.n_frames, "dtype": m.dtype,
+        "model": dict(m.model), "activation": str(m.model.get("activation", "")),
+        "width": m.width, "n_words": m.n_words, "n_frames": m.n_frames, "dtype": m.dtype,
         "logit_scale": m.logit_scale, "splits": splits, "shards": len(m.shards),
         "failures": len(read_failures(root)) if (root / FAILURES_FILE).is_file() else None,
         "extract_config": {k: cfg[k] for k in ("epochs", "frames", "words", "target_fps", "pretrained") if k in cfg},

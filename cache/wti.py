@@ -9,13 +9,26 @@ and the evaluation all need exactly this function, and none of them may need CLI
     t2v = sum_i a_i max_j cos(w_i, f_j)                  v2t = sum_j b_j max_i cos(w_i, f_j)
     S = (t2v + v2t) / 2
 
+Padded pairs (a padded word or a padded frame slot) inside the maxima, by `padding`:
+
+* "zero" (the default, the original's `get_similarity_logits`: the cosines are multiplied by the
+  word and the frame masks before the maxima): a padded pair counts as 0. Each max runs over all
+  L (F) slots of the padded tensors, so a word's max over the frames of a video with fewer valid
+  frames than F slots includes 0, and a frame's max over the words of a caption with fewer valid
+  words than L slots includes 0; with every slot valid it does not. The rules differ only where
+  all valid cosines of a word (frame) are negative.
+* "exclude": a padded pair never wins a max (the maxima run over valid partners only).
+
 `wti_similarity` is the differentiable formula (training). `WTIGallery` / `wti_similarity_chunked`
 compute the same numbers for evaluation without building the [Nt, Nv, L, F] tensor:
 
-* one matrix product per block: words [rows, D+2] x frames [D+2, cols], with the masks folded into
-  two extra coordinates (word = [w, 1, wb], frame = [f, fb, 1], wb/fb = 0 valid, NEG padded), so
-  the product is cos + fb + wb: exactly cos for valid pairs (the extra terms are exact zeros), very
-  negative for padded ones, and no masked_fill copy is ever made;
+* one matrix product per block. "zero": words [rows, D] x frames [D, cols] with every padded
+  token a zero vector, so a padded pair's product is exactly 0; the maxima of the members that
+  have a padded slot are then clamped at 0 (`_floor`), which makes the result that of all L x F
+  slots whatever the block trims. "exclude": words [rows, D+2] x frames [D+2, cols], with the
+  masks folded into two extra coordinates (word = [w, 1, wb], frame = [f, fb, 1], wb/fb = 0 valid,
+  NEG padded), so the product is cos + fb + wb: exactly cos for valid pairs (the extra terms are
+  exact zeros), very negative for padded ones. No masked_fill copy of a product is ever made;
 * blocks sized to stay in the CPU's L2 cache (captions x words rows, frame-major videos x frames
   columns, so both maxima reduce over an outer axis);
 * captions sorted by length and videos by frame count, each block trimmed to its longest member:
@@ -30,9 +43,17 @@ import torch
 import torch.nn.functional as F
 
 NEG = -1e4  # stands in for -inf where a masked entry must lose a max
+WTI_PADDINGS = ("zero", "exclude")  # a padded pair inside the maxima: counts as 0 (the original) | never wins
 
 ROWS = 512  # CPU block: caption tokens (captions x words) per matrix product
 COLS = 3072  # CPU block: video tokens (videos x frames) per matrix product; 512 x 3072 floats = 6 MiB
+
+
+def check_padding(padding: str) -> str:
+    """`padding` if it is a known WTI padding rule, else ValueError (one line)."""
+    if padding not in WTI_PADDINGS:
+        raise ValueError(f"unknown WTI padding rule {padding!r}; known: {', '.join(WTI_PADDINGS)}")
+    return padding
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -49,18 +70,24 @@ def wti_similarity(
     frame_mask: torch.Tensor,  # [Nv, F] bool
     frame_logits: torch.Tensor,  # [Nv, F]
     normalized: bool = False,
+    padding: str = "zero",  # zero | exclude: a padded pair inside the maxima (WTI_PADDINGS)
 ) -> torch.Tensor:
     """Full WTI score matrix S [Nt, Nv]; differentiable. Memory is Nt * Nv * L * F floats."""
+    check_padding(padding)
     if not normalized:
         words = F.normalize(words.float(), dim=-1)
         frames = F.normalize(frames.float(), dim=-1)
     a = masked_softmax(word_logits, word_mask)  # [Nt, L]
     b = masked_softmax(frame_logits, frame_mask)  # [Nv, F]
     cos = torch.einsum("tld,vfd->tvlf", words, frames)  # [Nt, Nv, L, F]
-    fmask = frame_mask[None, :, None, :]
-    wmask = word_mask[:, None, :, None]
-    best_frame = cos.masked_fill(~fmask, NEG).amax(dim=3)  # [Nt, Nv, L]
-    best_word = cos.masked_fill(~wmask, NEG).amax(dim=2)  # [Nt, Nv, F]
+    fmask = frame_mask[None, :, None, :].bool()
+    wmask = word_mask[:, None, :, None].bool()
+    if padding == "zero":  # the original: cos x word mask x frame mask, then the maxima over all slots
+        z = cos.masked_fill(~(wmask & fmask), 0.0)
+        best_frame, best_word = z.amax(dim=3), z.amax(dim=2)  # [Nt, Nv, L], [Nt, Nv, F]
+    else:
+        best_frame = cos.masked_fill(~fmask, NEG).amax(dim=3)  # [Nt, Nv, L]
+        best_word = cos.masked_fill(~wmask, NEG).amax(dim=2)  # [Nt, Nv, F]
     t2v = (best_frame * a[:, None, :]).sum(-1)
     v2t = (best_word * b[None, :, :]).sum(-1)
     return (t2v + v2t) / 2
@@ -107,20 +134,33 @@ def _extent(mask: torch.Tensor) -> torch.Tensor:
     return (mask * pos).amax(1) if mask.shape[1] else torch.zeros(len(mask), dtype=torch.long)
 
 
+def _floor(padded: torch.Tensor, device):
+    """[n] bool (the member has a padded slot) -> what its maxima are clamped at under "zero":
+    None (no member padded: nothing to clamp), 0.0 (all padded), else [n] float on `device` (0 or -inf)."""
+    padded = padded.cpu()
+    if not bool(padded.any()):
+        return None
+    if bool(padded.all()):
+        return 0.0
+    return torch.zeros(padded.shape).masked_fill_(~padded, float("-inf")).to(device)
+
+
 class WTIGallery:
     """A video gallery for WTI scoring of any number of caption blocks (no autograd).
 
     Keeps references to the frames (no copy: a normalised copy would be Nv F (D+2) floats, 2.5 GB
     at 100k videos), the frame weights and the video blocks (videos sorted by frame count, COLS
-    frame tokens a block). `blocks` prepares each video block ([D+2, frames x videos], frame-major,
-    with the mask coordinates) once per block of captions and scores every caption chunk on it.
+    frame tokens a block). `blocks` prepares each video block ([D, frames x videos] with padded
+    frames zeroed under "zero", [D+2, ...] with the mask coordinates under "exclude"; frame-major)
+    once per block of captions and scores every caption chunk on it.
     `score(words, word_mask, word_logits)` -> S [n, Nv] float32 on the CPU, in gallery order.
     """
 
     @torch.no_grad()
     def __init__(self, frames, frame_mask, frame_logits, device="cpu", dtype: torch.dtype = torch.float32,
-                 cols: int | None = None):
+                 cols: int | None = None, padding: str = "zero"):
         self.device, self.dtype = torch.device(device), dtype
+        self.padding = check_padding(padding)
         self.fm = torch.as_tensor(frame_mask).to(self.device).bool()
         self.fr = torch.as_tensor(frames)
         self.n, self.width = self.fm.shape[0], self.fr.shape[-1]
@@ -130,25 +170,44 @@ class WTIGallery:
         ext = _extent(self.fm)
         order = torch.argsort(ext, stable=True)  # videos by frame count: blocks trim padded frames
         self.b = masked_softmax(torch.as_tensor(frame_logits).to(self.device), self.fm)  # [Nv, F]
-        self.video_blocks = [(order[s:s + per], max(1, int(ext[order[s:s + per]].max())))
-                             for s in range(0, self.n, per)]  # (video rows [v], frames kept f)
+        padded = (~self.fm.all(1)).cpu()  # [Nv]: a padded slot among the F (under "zero" its maxima include 0)
+        self.video_blocks = []  # (video rows [v], frames kept f, floor of its maxima: `_floor`, None for "exclude")
+        for s in range(0, self.n, per):
+            rows = order[s:s + per]
+            floor = _floor(padded[rows.cpu()], self.device) if self.padding == "zero" else None
+            self.video_blocks.append((rows, max(1, int(ext[rows].max())), floor))
 
     def _video_block(self, rows: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> frames^T [D+2, f*v] (normalised, [f, fb, 1] a frame) and weights^T [f, v]."""
+        """-> frames^T [D, f*v] (normalised, padded frames zero; "zero") or [D+2, f*v] ([f, fb, 1] a
+        frame; "exclude"), and weights^T [f, v]."""
         x = F.normalize(self.fr[rows.cpu(), :f].to(self.device, dtype=torch.float32), dim=-1).to(self.dtype)
         m = self.fm[rows, :f]
-        bias = torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, NEG)
-        x = torch.cat([x, bias[..., None], torch.ones_like(bias)[..., None]], -1)  # [v, f, D+2]
-        return x.transpose(0, 1).reshape(-1, self.width + 2).t().contiguous(), self.b[rows, :f].t().contiguous()
+        if self.padding == "zero":
+            x = x.masked_fill_(~m[..., None], 0.0)  # [v, f, D]
+        else:
+            bias = torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, NEG)
+            x = torch.cat([x, bias[..., None], torch.ones_like(bias)[..., None]], -1)  # [v, f, D+2]
+        fx = x.transpose(0, 1).reshape(-1, x.shape[-1]).t().contiguous()
+        return fx, self.b[rows, :f].t().contiguous()
 
     @staticmethod
-    def _score(w: torch.Tensor, a: torch.Tensor, fx: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-        """w [t, l, D+2] prepared words, a [t, l] weights, one video block -> S [t, v]."""
+    def _score(w: torch.Tensor, a: torch.Tensor, fx: torch.Tensor, bt: torch.Tensor, w_floor=None,
+               f_floor=None) -> torch.Tensor:
+        """w [t, l, D(+2)] prepared words, a [t, l] weights, one video block -> S [t, v].
+
+        w_floor / f_floor ("zero" only, see `_floor`): per caption [t] / per video [v], the value
+        each max over its words / frames is clamped at (0 where it has a padded slot)."""
         t, l, _ = w.shape
         f, v = bt.shape
         cos = (w.reshape(t * l, -1) @ fx).view(t, l, f, v)
-        t2v = torch.bmm(a[:, None, :], cos.amax(2).float()).squeeze(1)  # sum_i a_i max_j   [t, v]
-        v2t = (cos.amax(1).float() * bt).sum(1)  # sum_j b_j max_i                        [t, v]
+        best_frame = cos.amax(2).float()  # [t, l, v]
+        best_word = cos.amax(1).float()  # [t, f, v]
+        if f_floor is not None:
+            best_frame.clamp_(min=f_floor)
+        if w_floor is not None:
+            best_word.clamp_(min=w_floor if isinstance(w_floor, float) else w_floor[:, None, None])
+        t2v = torch.bmm(a[:, None, :], best_frame).squeeze(1)  # sum_i a_i max_j   [t, v]
+        v2t = (best_word * bt).sum(1)  # sum_j b_j max_i                            [t, v]
         return (t2v + v2t) / 2
 
     def blocks(self, words, word_mask, word_logits, block: int | None = None, chunk: int | None = None):
@@ -173,21 +232,26 @@ class WTIGallery:
             rows = order[b:b + block]
             out = torch.empty(len(rows), self.n, dtype=torch.float32, device=self.device)
             with torch.no_grad():  # not across the yield: grad mode is the caller's between blocks
-                chunks = []  # (first row in the block, prepared words [t, l, D+2], weights [t, l])
+                chunks = []  # (first row in the block, prepared words [t, l, D(+2)], weights [t, l], floor)
                 for s in range(0, len(rows), chunk):
                     idx = rows[s:s + chunk]
                     l = max(1, int(ext[idx].max()))
                     m = wm[idx, :l].to(self.device)
                     x = F.normalize(wo[idx, :l].to(self.device, dtype=torch.float32), dim=-1).to(self.dtype)
-                    bias = torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, NEG)
-                    x = torch.cat([x, torch.ones_like(bias)[..., None], bias[..., None]], -1)
-                    chunks.append((s, x, masked_softmax(wl[idx, :l].to(self.device), m)))
+                    if self.padding == "zero":
+                        x = x.masked_fill_(~m[..., None], 0.0)
+                        floor = _floor(~wm[idx].all(1), self.device)  # a padded slot among the L
+                    else:
+                        bias = torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, NEG)
+                        x = torch.cat([x, torch.ones_like(bias)[..., None], bias[..., None]], -1)
+                        floor = None
+                    chunks.append((s, x, masked_softmax(wl[idx, :l].to(self.device), m), floor))
 
                 def one(video_block, out=out, chunks=chunks):
-                    vrows, f = video_block
+                    vrows, f, f_floor = video_block
                     fx, bt = self._video_block(vrows, f)
-                    for s, x, a in chunks:  # the video block stays in cache across the caption chunks
-                        out[s:s + len(x), vrows] = self._score(x, a, fx, bt)
+                    for s, x, a, w_floor in chunks:  # the video block stays in cache across the caption chunks
+                        out[s:s + len(x), vrows] = self._score(x, a, fx, bt, w_floor, f_floor)
 
                 run_blocks(one, self.video_blocks, self.device)
             yield rows, out
@@ -209,11 +273,13 @@ class WTIGallery:
 def wti_similarity_chunked(
     words, word_mask, word_logits, frames, frame_mask, frame_logits,
     chunk: int | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+    padding: str = "zero",
 ) -> torch.Tensor:
     """The same matrix [Nt, Nv] computed in blocks, for galleries too large at once.
 
     Inputs may be numpy arrays or tensors of any float dtype (as read from the cache); the result
     is float32 on the CPU. chunk: captions per block (default: sized for the CPU cache).
+    padding: zero | exclude (WTI_PADDINGS; a cache's rule is its manifest's `wti_padding`).
     """
-    gallery = WTIGallery(frames, frame_mask, frame_logits, device=device, dtype=dtype)
+    gallery = WTIGallery(frames, frame_mask, frame_logits, device=device, dtype=dtype, padding=padding)
     return gallery.score(words, word_mask, word_logits, chunk=chunk)

@@ -1,13 +1,15 @@
 """Building the stage-1 model, and its two kinds of checkpoint in the cache folder.
 
-    stage1.pt         the finished stage-1 model: {"config", "fingerprint", "history", "state_dict"}.
-                      Written once fine-tuning is complete; a later run with the same recipe
-                      reuses it instead of training again (then only the dump remains).
+    stage1.pt         the finished stage-1 model: {"config", "fingerprint", "activation", "history",
+                      "state_dict"}. Written once fine-tuning is complete; a later run with the same
+                      recipe reuses it instead of training again (then only the dump remains).
     train-state.pt    the last finished epoch of an unfinished fine-tuning: model, optimizer,
-                      scheduler, AMP scaler, RNG states, epochs done, loss history; `--resume`
-                      continues from it. Replaced each epoch; deleted when stage1.pt is written.
+                      scheduler, AMP scaler, RNG states, epochs done, loss history, activation;
+                      `--resume` continues from it. Replaced each epoch; deleted when stage1.pt is written.
 
 Both are written under a temporary name and renamed, so a kill never leaves half a file.
+"activation" ("quick_gelu" | "gelu") is the MLP activation the weights were written with; a
+rebuild uses it, never what the model name and tag would choose now (`recorded_activation`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbone import build_clip, clip_mean_std, image_size
+from .backbone import ACTIVATIONS, activation_of, build_clip, clip_mean_std, image_size, name_activation
 from .config import ExtractConfig
 from .model import Stage1Model, fingerprint
 from .video import FrameSpec
@@ -33,7 +35,8 @@ class CheckpointError(RuntimeError):
 
 def frame_spec(clip, cfg: ExtractConfig) -> FrameSpec:
     mean, std = clip_mean_std(clip)
-    return FrameSpec(n_frames=cfg.frames, size=image_size(clip), target_fps=cfg.target_fps, mean=mean, std=std)
+    return FrameSpec(n_frames=cfg.frames, size=image_size(clip), target_fps=cfg.target_fps, mean=mean, std=std,
+                     rule=cfg.frame_rule, end_second=cfg.end_second)
 
 
 def _check_words(clip, words: int, model: str) -> None:
@@ -42,11 +45,16 @@ def _check_words(clip, words: int, model: str) -> None:
         raise CheckpointError(f"--words {words} exceeds the {context}-token text context of {model}")
 
 
-def build_stage1(cfg: ExtractConfig) -> tuple[Stage1Model, FrameSpec]:
-    """A fresh stage-1 model (CLIP weights from cfg.pretrained) and the frame preprocessing it needs."""
-    clip = build_clip(cfg.model, cfg.pretrained)
+def build_stage1(cfg: ExtractConfig, activation: str | None = None) -> tuple[Stage1Model, FrameSpec]:
+    """A fresh stage-1 model (CLIP weights from cfg.pretrained) and the frame preprocessing it needs.
+
+    activation: None = what the weights were trained with (backbone.choose_activation); the
+    importer of the original's checkpoints passes "quick_gelu" (they all come from OpenAI's CLIP)."""
+    clip = build_clip(cfg.model, cfg.pretrained, activation=activation)
     _check_words(clip, cfg.words, cfg.model)
-    return Stage1Model(clip, max_frames=cfg.frames, temporal_layers=cfg.temporal_layers), frame_spec(clip, cfg)
+    model = Stage1Model(clip, max_frames=cfg.frames, temporal_layers=cfg.temporal_layers,
+                        frame_padding=cfg.frame_padding)
+    return model, frame_spec(clip, cfg)
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -76,7 +84,30 @@ def _load(path: Path) -> dict:
 
 def save_stage1(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str, history: list | None = None) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"config": cfg.to_dict(), "fingerprint": fp, "history": list(history or []), "state_dict": state}, path)
+    atomic_save({"config": cfg.to_dict(), "fingerprint": fp, "activation": activation_of(model),
+                 "history": list(history or []), "state_dict": state}, path)
+
+
+def recorded_activation(ckpt: dict, where: str | Path) -> str:
+    """The activation a stage1.pt / train-state.pt dict was written with.
+
+    Its "activation" entry; a file from before that entry existed was built from its model
+    name's config ("quick_gelu" for `*-quickgelu`, else "gelu"), except one fine-tuned from the
+    `openai` tag on a GELU config: open_clip < 3 built that with QuickGELU and 3.x with GELU, so
+    it is refused (one line) rather than guessed.
+    """
+    act = ckpt.get("activation")
+    if act is not None:
+        if act not in ACTIVATIONS:
+            raise CheckpointError(f"{where} records an unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+        return act
+    saved = ckpt.get("config") or {}
+    act = name_activation(str(saved.get("model", "")))
+    if act == "gelu" and str(saved.get("pretrained", "")).lower() == "openai":
+        raise CheckpointError(
+            f"{where} predates recorded activations and was fine-tuned from {saved.get('model')} openai, which "
+            f"open_clip < 3 ran with QuickGELU and open_clip 3 with GELU; fine-tune it again (--overwrite)")
+    return act
 
 
 def read_stage1(path: Path) -> dict:
@@ -97,19 +128,25 @@ def load_stage1(path: Path, cfg: ExtractConfig | None = None) -> tuple[Stage1Mod
     ckpt = read_stage1(path)
     saved = ExtractConfig.from_dict(ckpt["config"])
     cfg = cfg or saved
-    clip = build_clip(saved.model, "none")
+    activation = recorded_activation(ckpt, path)
+    clip = build_clip(saved.model, "none", activation=activation)
     _check_words(clip, cfg.words, saved.model)
     if cfg.frames > saved.frames:
         raise CheckpointError(f"--frames {cfg.frames} exceeds the {saved.frames} frame slots of the stage-1 model in {path}")
-    model = Stage1Model(clip, max_frames=saved.frames, temporal_layers=saved.temporal_layers)
+    model = Stage1Model(clip, max_frames=saved.frames, temporal_layers=saved.temporal_layers,
+                        frame_padding=cfg.frame_padding)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit a {saved.model} stage-1 model: {str(e).splitlines()[0][:200]}") from None
-    fp = fingerprint(model)
+    built = activation_of(model)
+    if built != activation:  # cannot happen through build_clip; a guard against a mixed rebuild
+        raise CheckpointError(f"{path} records activation {activation}, but its {saved.model} rebuild runs {built}")
+    legacy = "activation" not in ckpt  # fingerprinted over the weights alone
+    fp = fingerprint(model, legacy=legacy)
     if ckpt.get("fingerprint") and ckpt["fingerprint"] != fp:
         raise CheckpointError(f"{path} is damaged: its weights do not match its fingerprint {ckpt['fingerprint']}")
-    return model, frame_spec(clip, cfg), fp, ckpt["config"]
+    return model, frame_spec(clip, cfg), fingerprint(model) if legacy else fp, ckpt["config"]
 
 
 def seed_everything(seed: int) -> None:
@@ -119,14 +156,17 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_stage1_config(cfg: ExtractConfig) -> ExtractConfig:
-    """With cfg.stage1 set: the architecture fields (model, pretrained, temporal layers) from that
-    checkpoint, no fine-tuning (epochs 0); the rest (frames, words, data) from `cfg`."""
+    """With cfg.stage1 set: the model's own fields from that checkpoint (model, pretrained, temporal
+    layers, the WTI rule it was trained with, what its padded frame slots hold), no fine-tuning
+    (epochs 0); the rest (frames, words, frame sampling, data) from `cfg`. A checkpoint written
+    before the WTI rule and frame padding were recorded keeps `cfg`'s."""
     if not cfg.stage1:
         return cfg
     saved = read_stage1(cfg.stage1)["config"]
     d = cfg.to_dict()
     d.update(model=saved["model"], pretrained=saved["pretrained"], temporal_layers=saved["temporal_layers"], epochs=0,
              stage1=str(Path(cfg.stage1).resolve()))
+    d.update({k: saved[k] for k in ("wti_padding", "frame_padding") if k in saved})
     return ExtractConfig.from_dict(d)
 
 
@@ -150,7 +190,7 @@ def save_train_state(path: Path, model, optimizer, scheduler, scaler, epochs_don
     atomic_save({
         "config": cfg.to_dict(), "epochs_done": epochs_done, "history": list(history),
         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "rng": rng_state(),
+        "scaler": scaler.state_dict(), "rng": rng_state(), "activation": activation_of(model),
     }, path)
 
 
@@ -162,7 +202,14 @@ def read_train_state(path: Path) -> dict:
 
 
 def restore_train_state(state: dict, model, optimizer, scheduler, scaler) -> tuple[int, list]:
-    """Load a read_train_state() dict into the live objects -> (epochs done, loss history)."""
+    """Load a read_train_state() dict into the live objects -> (epochs done, loss history).
+
+    Refuses (CheckpointError) a state trained with another activation than `model` runs.
+    """
+    was, now = recorded_activation(state, "the unfinished fine-tuning"), activation_of(model)
+    if was != now:
+        raise CheckpointError(f"cannot resume: the unfinished fine-tuning ran {was}, this {state['config'].get('model')} "
+                              f"model runs {now}; pass --overwrite to start over")
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

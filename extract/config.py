@@ -1,7 +1,10 @@
 """Stage-1 extraction configuration: one dataclass, written into the cache manifest."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+
+from diffret.cache.wti import check_padding
 
 # Frame and word slots per dataset when --frames / --words are not given (the original's
 # settings: the paragraph-retrieval sets of long videos use 64 frames and 64 words).
@@ -10,10 +13,39 @@ DEFAULT_SLOTS = (12, 32)
 
 LOSSES = ("infonce", "dsl")
 
+# Frame sampling rules (video.sample_frame_indices): "original" = DiffusionRet's OpenCV loader
+# (integer frame rate, floor(linspace) subsampling); "exact" = the float rate and rounding.
+FRAME_RULES = ("original", "exact")
+# What a padded frame slot holds before the temporal transformer (model.Stage1Model.encode_video):
+# "zero-frame" = the CLS feature of an all-zero normalised frame (the original); "zero-feature" = 0.
+FRAME_PADDINGS = ("zero-frame", "zero-feature")
+# The last second sampled per dataset when --end-second is not given (the original's DiDeMo
+# loader reads seconds 0..31 of every video: its annotations stop at 30 s); others: the whole video.
+DATASET_END_SECOND: dict[str, int] = {"didemo": 31}
+
 
 def default_slots(dataset: str) -> tuple[int, int]:
     """(frames, words) used for `dataset` when the user gives none: (12, 32), or (64, 64)."""
     return DATASET_SLOTS.get(str(dataset).lower(), DEFAULT_SLOTS)
+
+
+def default_end_second(dataset: str) -> int | None:
+    """The last second sampled for `dataset` when the user gives none: 31 for didemo, else None."""
+    return DATASET_END_SECOND.get(str(dataset).lower())
+
+
+def check_sampling(rule: str, target_fps: float | None, end_second: int | None) -> None:
+    """ValueError (one line) unless `rule`, `target_fps` and `end_second` make a sampling rule."""
+    if rule not in FRAME_RULES:
+        raise ValueError(f"unknown frame rule {rule!r}; known: {', '.join(FRAME_RULES)}")
+    if target_fps is not None and not (target_fps > 0 and math.isfinite(target_fps)):
+        raise ValueError(f"the sampling rate must be > 0 or uniform, got {target_fps}")
+    if rule == "original" and target_fps is not None and not float(target_fps).is_integer():
+        raise ValueError(f"the original frame rule samples a whole number of frames a second, got {target_fps} "
+                         f"(use the exact rule for other rates)")
+    if end_second is not None and (isinstance(end_second, bool) or not isinstance(end_second, (int, float))
+                                   or not float(end_second).is_integer() or end_second < 0):
+        raise ValueError(f"the last second sampled must be a whole number >= 0 or None, got {end_second!r}")
 
 
 @dataclass
@@ -28,6 +60,9 @@ class ExtractConfig:
     frames: int = 12  # frame slots F
     words: int = 32  # word slots L: [SOS] + up to L-2 tokens + [EOT]
     target_fps: float | None = 1.0  # None: sample `frames` uniformly over the whole video
+    frame_rule: str = "original"  # original | exact (see FRAME_RULES, video.sample_frame_indices)
+    frame_padding: str = "zero-frame"  # zero-frame | zero-feature (see FRAME_PADDINGS)
+    end_second: int | None = None  # sample seconds 0..end_second only (DiDeMo: 31); None: the whole video
     epochs: int = 5
     batch_size: int = 128  # global batch (split evenly over the processes under torchrun)
     lr: float = 1e-4  # new modules (temporal transformer, WTI head)
@@ -39,6 +74,7 @@ class ExtractConfig:
     grad_clip: float = 1.0
     loss: str = "infonce"  # infonce | dsl (dual softmax, see model.dual_softmax_loss)
     dsl_temp: float = 1000.0
+    wti_padding: str = "zero"  # zero | exclude: a padded (word, frame) pair in the WTI maxima (cache/wti.py)
     temporal_layers: int = 4
     workers: int = 2  # DataLoader decoding processes (per process under torchrun)
     seed: int = 0
@@ -57,6 +93,10 @@ class ExtractConfig:
         if self.batch_size < 2 and self.epochs > 0:
             raise ValueError(f"contrastive fine-tuning needs --batch-size >= 2, got {self.batch_size}")
         self.adam_betas = tuple(self.adam_betas)
+        check_padding(self.wti_padding)
+        check_sampling(self.frame_rule, self.target_fps, self.end_second)
+        if self.frame_padding not in FRAME_PADDINGS:
+            raise ValueError(f"unknown frame padding {self.frame_padding!r}; known: {', '.join(FRAME_PADDINGS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +114,9 @@ TRAINING_FIELDS = (
     "dataset", "data_root", "video_dir", "model", "pretrained", "frames", "words", "target_fps", "epochs",
     "batch_size", "lr", "clip_lr_scale", "weight_decay", "adam_betas", "adam_eps", "warmup", "grad_clip",
     "loss", "dsl_temp", "temporal_layers", "seed",
+    "wti_padding",  # the similarity the loss trains (and the cache is scored by)
+    "frame_rule", "end_second",  # which frames are decoded
+    "frame_padding",  # the dumped padded slots only (never the weights): a resumed dump must not mix two kinds
 )
 
 

@@ -102,7 +102,8 @@ def batch_loss(net: nn.Module, model: Stage1Model, tokens: torch.Tensor, frames:
     t = {k: gather_with_local_grad(text[k], info) for k in TEXT_KEYS}
     v = {k: gather_with_local_grad(video[k], info) for k in VIDEO_KEYS}
     keep = torch.nonzero(valid.to(tokens.device)).flatten()
-    sim = wti_similarity(*(t[k][keep] for k in TEXT_KEYS), *(v[k][keep] for k in VIDEO_KEYS))
+    sim = wti_similarity(*(t[k][keep] for k in TEXT_KEYS), *(v[k][keep] for k in VIDEO_KEYS),
+                         padding=cfg.wti_padding)  # the rule the cache records (Manifest.wti_padding)
     scale = _local_grad_share(model.logit_scale, info.world)
     return contrastive_loss(sim.float(), scale, cfg.loss, cfg.dsl_temp)
 

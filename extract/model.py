@@ -16,14 +16,16 @@ from torch.utils.checkpoint import checkpoint
 
 from diffret.cache.wti import wti_similarity
 
-from .backbone import text_tokens
+from .backbone import act_layer, activation_of, text_tokens
+from .config import FRAME_PADDINGS
 
 
 class TemporalTransformer(nn.Module):
     """Transformer over per-frame features with frame position embeddings and a residual.
 
     Initialised from the first `layers` blocks of the CLIP text transformer and its positional
-    embedding when their width matches the joint width (as the original); else random.
+    embedding when their width matches the joint width (as the original); else random blocks
+    with CLIP's activation (QuickGELU for OpenAI weights, as the original's temporal blocks).
     """
 
     def __init__(self, clip: nn.Module, width: int, max_frames: int, layers: int = 4, heads: int = 8):
@@ -42,7 +44,8 @@ class TemporalTransformer(nn.Module):
         else:
             from open_clip.transformer import ResidualAttentionBlock
 
-            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+            act = act_layer(activation_of(clip.transformer))
+            self.blocks = nn.ModuleList(ResidualAttentionBlock(width, heads, act_layer=act) for _ in range(layers))
             self.heads = heads
         self.grad_checkpointing = False
 
@@ -68,8 +71,12 @@ def weight_mlp(width: int) -> nn.Sequential:
 class Stage1Model(nn.Module):
     """CLIP + temporal transformer + WTI head; produces exactly what the cache stores."""
 
-    def __init__(self, clip: nn.Module, max_frames: int = 12, temporal_layers: int = 4):
+    def __init__(self, clip: nn.Module, max_frames: int = 12, temporal_layers: int = 4,
+                 frame_padding: str = "zero-frame"):
         super().__init__()
+        if frame_padding not in FRAME_PADDINGS:
+            raise ValueError(f"unknown frame padding {frame_padding!r}; known: {', '.join(FRAME_PADDINGS)}")
+        self.frame_padding = frame_padding  # what padded frame slots hold (encode_video); not a weight
         self.clip = clip
         width = clip.text_projection.shape[1] if isinstance(clip.text_projection, torch.Tensor) else clip.embed_dim
         self.width = int(width)
@@ -108,20 +115,37 @@ class Stage1Model(nn.Module):
         return {"sentence": sentence, "words": words, "word_mask": mask, "word_logits": logits}
 
     def encode_video(self, frames: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """frames [B, F, 3, H, W] normalised, mask [B, F] bool -> frames [B, F, D], frame_logits [B, F]."""
+        """frames [B, F, 3, H, W] normalised, mask [B, F] bool -> frames [B, F, D], frame_logits [B, F].
+
+        A padded slot's CLS feature: with frame_padding "zero-frame" (the original, whose padded
+        video slots are all-zero tensors after normalisation) that of an all-zero frame [3, H, W],
+        encoded once per call beside the real frames (padded slots' pixels are never encoded);
+        with "zero-feature", zero. The temporal transformer never attends to padded slots, so
+        real frames' outputs are the same either way; the padded slots' outputs (stored, masked,
+        and part of the denoisers' softmax over frames) differ.
+        """
         B, Fn = frames.shape[:2]
-        cls = self.clip.encode_image(frames.flatten(0, 1)).float().view(B, Fn, -1)
-        cls = cls * mask[..., None]
+        if self.frame_padding == "zero-frame":
+            n = int(mask.sum())
+            both = torch.cat([frames[mask], frames.new_zeros(1, *frames.shape[2:])])  # [n + 1, 3, H, W]
+            feats = self.clip.encode_image(both).float()
+            cls = feats[n:].expand(B, Fn, -1).clone()
+            cls[mask] = feats[:n]
+        else:
+            cls = self.clip.encode_image(frames.flatten(0, 1)).float().view(B, Fn, -1)
+            cls = cls * mask[..., None]
         out = self.temporal(cls, mask)
         logits = self.video_weight_fc(out).squeeze(-1)
         return {"frames": out, "frame_mask": mask, "frame_logits": logits}
 
     @staticmethod
-    def similarity(text: dict[str, torch.Tensor], video: dict[str, torch.Tensor]) -> torch.Tensor:
-        """WTI score matrix [Bt, Bv] between encoded texts and videos."""
+    def similarity(text: dict[str, torch.Tensor], video: dict[str, torch.Tensor],
+                   padding: str = "zero") -> torch.Tensor:
+        """WTI score matrix [Bt, Bv] between encoded texts and videos; padding: the WTI rule for padded
+        pairs (zero | exclude, ExtractConfig.wti_padding)."""
         return wti_similarity(
             text["words"], text["word_mask"], text["word_logits"],
-            video["frames"], video["frame_mask"], video["frame_logits"],
+            video["frames"], video["frame_mask"], video["frame_logits"], padding=padding,
         )
 
 
@@ -164,8 +188,10 @@ def contrastive_loss(sim: torch.Tensor, logit_scale: torch.Tensor, kind: str = "
     raise ValueError(f"unknown loss {kind!r}; known: infonce, dsl")
 
 
-def fingerprint(model: nn.Module) -> str:
-    """sha256 over the state dict (names, shapes, bytes): identifies the exact stage-1 weights."""
+def fingerprint(model: nn.Module, legacy: bool = False) -> str:
+    """sha256 over the state dict (names, shapes, bytes) and the activation (`activation_of`, read
+    from the modules): identifies the exact stage-1 model. `legacy`: the weights alone (how
+    stage1.pt files written before the activation was recorded were fingerprinted)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -173,4 +199,6 @@ def fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    if not legacy:
+        h.update(f"activation={activation_of(model)}".encode())
     return h.hexdigest()[:16]

@@ -93,7 +93,9 @@ def load_didemo(root: Path, video_dir: str | None = None) -> Annotations:
     Each file is a list of moments {"video", "description", "times", ...}; a video's paragraph
     is its descriptions joined by spaces in file order; video_id = the "video" field. Videos:
     <video_dir or root/videos or root>/<video> as named, or its stem with any video extension
-    (e.g. the .mp4 re-encodes), also in sub-folders.
+    (e.g. the .mp4 re-encodes), also in sub-folders. The original's loader reads each video from
+    second 0 to second 31 only (its moments stop at 30 s): `diffret extract` samples the same
+    seconds by default (config.DATASET_END_SECOND, --end-second).
     """
     root = _require_root(root, "didemo")
     files = {s: _require_file(root / n, "didemo") for s, n in DIDEMO_FILES.items() if s != "val"}

@@ -11,7 +11,7 @@ from diffret.cache.layout import FAILURES_FILE, read_failures
 from diffret.cache.writer import CacheWriter
 
 from .annotations import load_annotations
-from .backbone import get_tokenizer
+from .backbone import activation_of, get_tokenizer
 from .checkpoint import STAGE1_NAME, resolve_stage1_config
 from .config import ExtractConfig, recipe_mismatch
 from .data import threads_beside_workers
@@ -64,8 +64,10 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
 
     manifest = Manifest(
         width=model.width, n_words=cfg.words, n_frames=cfg.frames, dataset=cfg.dataset,
-        model={"name": cfg.model, "pretrained": str(cfg.pretrained), "fingerprint": fp},
+        model={"name": cfg.model, "pretrained": str(cfg.pretrained), "fingerprint": fp,
+               "activation": activation_of(model)},
         extract_config=cfg.to_dict(), logit_scale=float(model.logit_scale.item()),
+        wti_padding=cfg.wti_padding,  # the rule stage 1 trained with: score the cache by it
     )
     # Under torchrun each process writes a contiguous slice of every split to its own part.
     on_main(lambda: prepare_parts(out, info.world, resume), info)

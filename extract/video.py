@@ -1,6 +1,7 @@
 """Video decoding and CLIP frame preprocessing (decord).
 
-`read_frames` opens one file, samples up to `n_frames` frames, resizes their shortest side to
+`read_frames` opens one file, samples up to `n_frames` frames (by the original DiffusionRet's
+rule by default, see sample_frame_indices), resizes their shortest side to
 `size` (bicubic, antialiased, as PIL/torchvision do for CLIP) and centre-crops them, returning
 uint8 frames plus a mask for the padded slots. Frames decord 0.6 cannot deliver (its
 width-alignment bug, some damaged streams) are decoded again with PyAV. With a `timeout`, the
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .config import check_sampling
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -41,48 +44,82 @@ class FrameSpec:
     target_fps: float | None = 1.0  # None: uniform over the whole video (see sample_frame_indices)
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rule: str = "original"  # original | exact (see sample_frame_indices)
+    end_second: int | None = None  # sample seconds 0..end_second only; None: the whole video
 
     def __post_init__(self):
         if self.n_frames < 1:
             raise ValueError(f"n_frames must be >= 1, got {self.n_frames}")
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
-        if self.target_fps is not None and not self.target_fps > 0:
-            raise ValueError(f"target_fps must be > 0 or None, got {self.target_fps}")
+        check_sampling(self.rule, self.target_fps, self.end_second)
 
 
 def sample_frame_indices(
-    num_frames_total: int, native_fps: float, n_frames: int, target_fps: float | None = 1.0
+    num_frames_total: int, native_fps: float, n_frames: int, target_fps: float | None = 1.0,
+    rule: str = "original", end_second: int | None = None,
 ) -> list[int]:
     """Sorted, distinct frame indices to decode; never empty when num_frames_total >= 1.
 
-    target_fps set (the original DiffusionRet/CLIP4Clip rule): candidates are frames
-    round(i * native_fps / target_fps) for i = 0, 1, ... while < num_frames_total (1 per second
-    by default). More than `n_frames` candidates: subsample them uniformly to `n_frames`
-    (candidates[round(linspace(0, len - 1, n_frames))]). Fewer: return them all; the caller pads
-    the remaining slots and masks them out. So a 3 s clip gives 3 frames at 1 fps.
+    Candidates, then, when there are more than `n_frames`, `n_frames` of them spread uniformly;
+    fewer: all of them (the caller pads the remaining slots and masks them out), so a 3 s clip
+    gives 3 frames at 1 fps. `end_second` keeps only seconds 0..end_second (the original's
+    end_time: DiDeMo's loader reads seconds 0..31).
 
-    target_fps None: min(n_frames, total) frames spread uniformly over the whole video,
-    round(linspace(0, total - 1, n)); `native_fps` is ignored. Use it for short clips, where
-    1 fps yields too few frames for the temporal model.
+    rule "original", DiffusionRet's OpenCV loader (rawvideo_util.RawVideoExtractorCV2.video_to_tensor
+    and the datasets' _get_rawvideo): r = int(native_fps), truncated (29.97 -> 29; at least 1);
+    candidates are frames sec * r + j for every second sec and j in arange(0, r, r // target_fps)
+    (first target_fps of them); target_fps None (its framerate 0): every frame. Subsampling keeps
+    candidates[np.linspace(0, len - 1, n_frames, dtype=int)], i.e. floor. A 300-frame clip at
+    29.97 fps gives frames 0, 29, ..., 290: 11 at 1 fps. target_fps must be a whole number.
 
-    Rounding is numpy's (half to even).
+    rule "exact": candidates are frames round(i * native_fps / target_fps) for i = 0, 1, ...
+    (below num_frames_total; 1 a second by default), subsampled with round(linspace); the same
+    clip gives frames 0, 30, ..., 270: 10. target_fps None: round(linspace(0, total - 1, n)) over
+    the whole video (`native_fps` is then needed only with end_second). Rounding is numpy's
+    (half to even).
     """
     total = int(num_frames_total)
     if total < 1:
         raise ValueError(f"num_frames_total must be >= 1, got {num_frames_total}")
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    check_sampling(rule, target_fps, end_second)
+    if (target_fps is not None or end_second is not None) and not (math.isfinite(native_fps) and native_fps > 0):
+        raise ValueError(f"need native_fps > 0, got {native_fps}")
+    if rule == "original":
+        return _original_indices(total, native_fps, n_frames, target_fps, end_second)
     if target_fps is None:
+        if end_second is not None:
+            total = max(1, min(total, math.ceil((end_second + 1) * native_fps)))
         idx = np.rint(np.linspace(0, total - 1, min(n_frames, total)))
         return sorted({int(i) for i in idx})
-    if not (target_fps > 0 and math.isfinite(native_fps) and native_fps > 0):
-        raise ValueError(f"need native_fps > 0 and target_fps > 0, got {native_fps} and {target_fps}")
     step = native_fps / target_fps
-    cand = np.rint(np.arange(math.ceil(total / step) + 1) * step).astype(np.int64)
+    steps = np.arange(math.ceil(total / step) + 1)
+    if end_second is not None:
+        steps = steps[steps < (end_second + 1) * target_fps]  # sample times before end_second + 1
+    cand = np.rint(steps * step).astype(np.int64)
     cand = np.unique(cand[cand < total])  # unique also sorts; repeats only if step < 1
     if len(cand) > n_frames:
         cand = cand[np.rint(np.linspace(0, len(cand) - 1, n_frames)).astype(np.int64)]
+    return [int(i) for i in cand]
+
+
+def _original_indices(total: int, native_fps: float, n_frames: int, target_fps: float | None,
+                      end_second: int | None) -> list[int]:
+    """sample_frame_indices under rule "original" (arguments already checked)."""
+    rate = max(1, int(native_fps)) if math.isfinite(native_fps) and native_fps > 0 else 1
+    if end_second is not None:  # its loop runs over seconds start..end_second inclusive
+        total = min(total, (int(end_second) + 1) * rate)
+    if target_fps is None:
+        cand = np.arange(total)
+    else:
+        per_second = int(target_fps)
+        offsets = np.arange(0, rate, max(1, rate // per_second))[:per_second]
+        cand = (np.arange(-(-total // rate))[:, None] * rate + offsets[None, :]).ravel()
+        cand = cand[cand < total]  # its reads stop at the first frame past the end
+    if len(cand) > n_frames:
+        cand = cand[np.linspace(0, len(cand) - 1, num=n_frames, dtype=int)]
     return [int(i) for i in cand]
 
 
@@ -114,9 +151,9 @@ def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
         total, fps = len(vr), float(vr.get_avg_fps())
         if total < 1:
             raise VideoDecodeError(path, "no frames")
-        if spec.target_fps is not None and not (math.isfinite(fps) and fps > 0):
+        if (spec.target_fps is not None or spec.end_second is not None) and not (math.isfinite(fps) and fps > 0):
             raise VideoDecodeError(path, f"invalid frame rate {fps}")
-        indices = sample_frame_indices(total, fps, spec.n_frames, spec.target_fps)
+        indices = sample_frame_indices(total, fps, spec.n_frames, spec.target_fps, spec.rule, spec.end_second)
         try:
             batch = vr.get_batch(indices)
             # asnumpy() for decord's native bridge; np.asarray if someone set another bridge

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from diffret.cache.wti import NEG, masked_softmax
+from diffret.cache.wti import NEG, check_padding, masked_softmax
 
 
 def same_video_mask(video_index: torch.Tensor) -> torch.Tensor:
@@ -32,12 +32,14 @@ def positive_first(sim: torch.Tensor, same: torch.Tensor, k: int) -> torch.Tenso
 
 
 
-def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits) -> torch.Tensor:
+def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits, padding: str = "zero") -> torch.Tensor:
     """WTI of each row's caption(s) against its video(s): the cache's formula (cache/wti.py), paired.
 
     One side carries a candidate axis P: either words [B, L, D] (+ [B, L] mask/logits) against
     frames [B, P, F, D] (+ [B, P, F]), or words [B, P, L, D] against frames [B, F, D]. -> [B, P].
+    padding: zero | exclude, how a padded pair counts inside the maxima (the cache's `wti_padding`).
     """
+    check_padding(padding)
     w = torch.nn.functional.normalize(words.float(), dim=-1)  # words arrive in the cache's float16
     f = torch.nn.functional.normalize(frames.float(), dim=-1)
     if w.dim() == 3:
@@ -49,8 +51,13 @@ def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits) 
     a = masked_softmax(word_logits, word_mask)
     b = masked_softmax(frame_logits, frame_mask)
     a, b = (a[:, None] if a.dim() == 2 else a), (b[:, None] if b.dim() == 2 else b)
-    best_frame = cos.masked_fill(~fm[:, :, None, :], NEG).amax(3)  # [B, P, L]
-    best_word = cos.masked_fill(~wm[..., None], NEG).amax(2)  # [B, P, F]
+    fm, wm = fm[:, :, None, :].bool(), wm[..., None].bool()  # [B, P|1, 1, F], [B, P|1, L, 1]
+    if padding == "zero":  # a padded pair counts as 0 (the original)
+        z = cos.masked_fill(~(wm & fm), 0.0)
+        best_frame, best_word = z.amax(3), z.amax(2)  # [B, P, L], [B, P, F]
+    else:
+        best_frame = cos.masked_fill(~fm, NEG).amax(3)  # [B, P, L]
+        best_word = cos.masked_fill(~wm, NEG).amax(2)  # [B, P, F]
     return ((best_frame * a).sum(-1) + (best_word * b).sum(-1)) / 2
 
 
@@ -75,7 +82,8 @@ def mine_cache_negatives(f, k: int, pool_factor: int = 4, device="cpu", progress
                          budget: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
     """Hard negatives from the whole training split (`--negatives cache`), mined once (stage 1 is frozen).
 
-    For every caption, the k-1 videos of other ids with the highest stage-1 WTI score; for every video,
+    For every caption, the k-1 videos of other ids with the highest stage-1 WTI score (by the
+    cache's padding rule, f.wti_padding); for every video,
     the k-1 captions of other videos with the highest score. To stay linear in the split size, WTI
     re-scores only the `pool_factor * k` best items by `global_similarity`.
     f: SplitFeatures (train). -> (video_pool [N, k'-1] video rows, caption_pool [M, k'-1] caption rows)
@@ -99,14 +107,14 @@ def mine_cache_negatives(f, k: int, pool_factor: int = 4, device="cpu", progress
         r = torch.arange(s, min(s + chunk, N), device=device)
         own = cv[r][:, None] == torch.arange(M, device=device)[None]
         video_pool.append(_top_rescored(glob[r], own, k, pool, lambda c: paired_wti(
-            words[r], wmask[r], wlog[r], frames[c], fmask[c], flog[c])).cpu())
+            words[r], wmask[r], wlog[r], frames[c], fmask[c], flog[c], padding=f.wti_padding)).cpu())
         if progress:
             progress.update(task, advance=len(r))
     for s in range(0, M, chunk):
         v = torch.arange(s, min(s + chunk, M), device=device)
         own = cv[None, :] == v[:, None]  # [B, N]
         caption_pool.append(_top_rescored(glob[:, v].t(), own, k, pool, lambda c: paired_wti(
-            words[c], wmask[c], wlog[c], frames[v], fmask[v], flog[v])).cpu())
+            words[c], wmask[c], wlog[c], frames[v], fmask[v], flog[v], padding=f.wti_padding)).cpu())
         if progress:
             progress.update(task, advance=len(v))
     if progress:

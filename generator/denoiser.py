@@ -34,12 +34,30 @@ __all__ = [
     "T2VContext",
     "V2TContext",
     "count_parameters",
+    "original_init_",
 ]
 
 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter elements (buffers excluded, shared parameters counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def original_init_(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """Re-initialise as the original's `init_weights` (modeling.py, applied to the whole model before
+    loading CLIP): Linear and Embedding weights N(0, std), Linear biases 0, LayerNorm weight 1 and
+    bias 0. The positional table is a buffer and stays. In place; returns the module."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight.normal_(mean=0.0, std=std)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            m.weight.fill_(1.0)
+            if m.bias is not None:
+                m.bias.zero_()
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.zero_()
+    return module
 
 
 class PositionalEncoding(nn.Module):

@@ -7,7 +7,8 @@ by far the largest tensor (MSRVTT-9k: 180,000 x 32 x 512 = 5.9 GB in float16, 11
 and every user converts the rows it takes with `.float()` (cache/wti.py `wti_similarity` and
 `wti_similarity_chunked`, generator/candidates.py `paired_wti`, generator/trainer.py). Everything
 else is small and converted to float32 here (`sentence`, `frames` and the logits feed the
-denoisers directly); masks are bool; `caption_video` is int64.
+denoisers directly); masks are bool; `caption_video` is int64. `wti_padding` is the cache's WTI
+rule for padded pairs (its manifest's `wti_padding`): every scorer of these features passes it on.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from diffret.cache.store import CacheReader
+from diffret.cache.wti import check_padding
 
 
 @dataclass
@@ -31,6 +33,7 @@ class SplitFeatures:
     frames: torch.Tensor  # [M, F, D] float32
     frame_mask: torch.Tensor  # [M, F] bool
     frame_logits: torch.Tensor  # [M, F] float32
+    wti_padding: str = "zero"  # zero | exclude (cache/wti.py WTI_PADDINGS): score these tokens by this rule
 
     @property
     def width(self) -> int:
@@ -50,4 +53,5 @@ def load_split(cache: CacheReader | Path, split: str) -> SplitFeatures:
         sentence=f(text.sentence), words=torch.from_numpy(text.words), word_mask=torch.from_numpy(text.word_mask),
         word_logits=f(text.word_logits), video_id=video.video_id, frames=f(video.frames),
         frame_mask=torch.from_numpy(video.frame_mask), frame_logits=f(video.frame_logits),
+        wti_padding=check_padding(reader.manifest.wti_padding),
     )

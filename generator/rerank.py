@@ -100,7 +100,8 @@ def _logits(denoiser, tables: _StepTables, ctx, v, rows: slice) -> torch.Tensor:
 
 
 def _sample_block(tables: _StepTables, sampler, x_t, logits, v, dec, vm, generator):
-    """All sampling steps for one block: x_T [b, K] -> final clamped x0 [b, K].
+    """All sampling steps for one block: x_T [b, K] -> final clamped x0 [b, K]. The update is the
+    sampler's own `step`, so its epsilon rule (DDIM: from the clamped x0 by default) holds here too.
 
     vm: the candidates through the fused head, [b, K, 2D] (then the pooled head input of a step is
     w @ vm), or None (then it is (w @ v) @ M^T, one [b, D] x [D, 2D] product a step)."""

@@ -5,7 +5,10 @@ calls ``model_fn(x_t, t_batch) -> x0_pred`` and never sees the model itself.
 
 Both samplers follow diffusers (``DDIMScheduler`` / ``DDPMScheduler`` with
 ``prediction_type="sample"``, ``timestep_spacing="leading"``, ``steps_offset=0``,
-``clip_sample_range=1.0``) step for step; the tests check this.
+``clip_sample_range=1.0``) step for step; the tests check this. DDIM re-derives epsilon from the
+clamped x0 prediction by default, as guided-diffusion's ``ddim_sample`` (the original
+DiffusionRet's sampler) does: diffusers' ``use_clipped_model_output=True``. ``ddim_eps="raw"``
+(diffusers' default) re-derives it from the unclamped one.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule
 
-__all__ = ["leading_timesteps", "DDIMSampler", "DDPMSampler", "make_sampler"]
+__all__ = ["leading_timesteps", "DDIMSampler", "DDPMSampler", "DDIM_EPS", "make_sampler"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -26,7 +29,10 @@ ModelFn = Callable[[Tensor, Tensor], Tensor]
 def leading_timesteps(num_train_timesteps: int, num_inference_steps: int | None = None) -> Tensor:
     """diffusers' "leading" spacing: arange(S) * (T // S), descending -> LongTensor [S].
 
-    S = T when ``num_inference_steps`` is None; S > T or S < 1 raises ValueError.
+    S = T when ``num_inference_steps`` is None; S > T or S < 1 raises ValueError. The original
+    always samples all T steps (its ``create_gaussian_diffusion`` fixes ``timestep_respacing``);
+    for S < T this equals guided-diffusion's "ddimS" striding when S divides T, and is not its
+    ``space_timesteps(T, [S])`` (round(i (T-1)/(S-1)): 0, 5, 11, ..., 49 for T = 50, S = 10).
     """
     T = int(num_train_timesteps)
     S = T if num_inference_steps is None else int(num_inference_steps)
@@ -69,8 +75,9 @@ class _Sampler:
         generator: torch.Generator | None = None,
         device=None,
         dtype: torch.dtype = torch.float32,
+        x_T: Tensor | None = None,
     ) -> Tensor:
-        """Run the reverse chain from x_T ~ N(0, I) of ``shape`` ([B, K]).
+        """Run the reverse chain from x_T ~ N(0, I) of ``shape`` ([B, K]), or from the given ``x_T``.
 
         Calls ``model_fn(x_t [B, K], t_batch LongTensor [B]) -> x0_pred [B, K]`` once per timestep
         and returns the last x0 prediction (clamped to [-1, 1] when ``clip_sample``), which is what
@@ -78,7 +85,7 @@ class _Sampler:
         not disabled here; wrap the call in ``torch.inference_mode()`` for evaluation.
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
-        x_t = _randn(shape, generator, device, dtype)
+        x_t = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
         x0 = x_t
         last = self.num_inference_steps - 1
         for i, t in enumerate(self.timesteps.tolist()):
@@ -105,8 +112,11 @@ class DDIMSampler(_Sampler):
     DiffusionRet) does; False uses alpha_bar_0. The choice only changes the last x_prev, which
     :meth:`sample` discards, so retrieval scores do not depend on it.
 
-    ``use_clipped_model_output=False`` (diffusers' default) re-derives epsilon from the *unclipped*
-    x0 prediction; True re-derives it from the clipped one (guided-diffusion's behaviour).
+    ``use_clipped_model_output=True`` (default) re-derives epsilon from the *clipped* x0
+    prediction, eps = (x_t - sqrt(a_t) clip(x0)) / sqrt(1 - a_t): guided-diffusion's
+    ``ddim_sample`` (``_predict_eps_from_xstart`` of the clamped ``pred_xstart``), which the original
+    DiffusionRet samples with. False (diffusers' default) re-derives it from the unclipped one.
+    Whenever x0_hat leaves [-1, 1] the two trajectories differ.
     """
 
     def __init__(
@@ -116,7 +126,7 @@ class DDIMSampler(_Sampler):
         eta: float = 0.0,
         clip_sample: bool = True,
         set_alpha_to_one: bool = True,
-        use_clipped_model_output: bool = False,
+        use_clipped_model_output: bool = True,
     ):
         super().__init__(schedule, num_inference_steps, clip_sample)
         if eta < 0:
@@ -179,17 +189,26 @@ class DDPMSampler(_Sampler):
         return mean
 
 
+DDIM_EPS = ("clamped", "raw")  # epsilon from the clamped x0 (guided-diffusion, the original) | the raw one (diffusers)
+
+
 def make_sampler(
     name: str,
     schedule: NoiseSchedule,
     num_inference_steps: int | None = None,
     clip_sample: bool = True,
     eta: float = 0.0,
+    ddim_eps: str = "clamped",
 ):
-    """Build a sampler by name: "ddim" | "ddpm" (eta applies to DDIM only)."""
+    """Build a sampler by name: "ddim" | "ddpm". eta and ddim_eps ("clamped" | "raw", see
+    DDIMSampler's ``use_clipped_model_output``) are DDIM's; DDPM's posterior always uses the clamped
+    x0, so it ignores ddim_eps."""
     key = name.lower()
+    if ddim_eps not in DDIM_EPS:
+        raise ValueError(f"ddim_eps must be one of {', '.join(DDIM_EPS)}, got {ddim_eps!r}")
     if key == "ddim":
-        return DDIMSampler(schedule, num_inference_steps, eta=eta, clip_sample=clip_sample)
+        return DDIMSampler(schedule, num_inference_steps, eta=eta, clip_sample=clip_sample,
+                           use_clipped_model_output=ddim_eps == "clamped")
     if key == "ddpm":
         if eta != 0.0:
             raise ValueError("eta is a DDIM parameter; DDPM sampling has no eta")

@@ -7,6 +7,12 @@ one-hot on the positive (or +1/-1), a random step t noises it, each denoiser pre
 x_t and the features, and the generation loss (cross-entropy of 100 * x0_hat by default) trains
 both. An EMA of the weights is what gets saved and evaluated.
 
+`recipe="original"` (default) optimises as the original's generation stage (`prep_optimizer` in its
+main_retrieval.py): BertAdam, lr `lr` with 10% linear warm-up then its cosine over all the steps of
+all epochs, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every weight whose name contains no
+"bias", per-tensor gradient clipping at 1 after the global clipping; the denoisers' layers start
+N(0, 0.02) with zero biases. `recipe="modern"`: AdamW at a constant lr, PyTorch's default init.
+
 After every epoch the run folder gets `generator.pt`/`generator.json` (the EMA weights, what
 `evaluate` reads) and `train_state.pt` (what `--resume` continues from), each written atomically.
 A non-finite loss or gradient stops training with an error; the last epoch's files stay intact.
@@ -27,10 +33,11 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity
 
+from .bert_adam import BertAdam, decay_groups
 from .candidates import mine_cache_negatives, positive_first, same_video_mask, usable_candidates
 from .checkpoint import GeneratorError, load_train_state, save_generator, save_train_state
 from .config import RESUMABLE, GeneratorConfig
-from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters
+from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters, original_init_
 from .features import SplitFeatures, load_split
 from .losses import generation_loss, one_hot_x0
 from .schedule import NoiseSchedule, ScheduleConfig
@@ -59,7 +66,7 @@ def batch_candidates(f: SplitFeatures, rows: torch.Tensor, k: int, pools=None):
                 torch.cat([rows[:, None], caption_pool[vid, :k - 1]], 1))
     with torch.no_grad():  # words are kept in the cache's float16 (features.py): convert the batch's rows
         sim = wti_similarity(f.words[rows].float(), f.word_mask[rows], f.word_logits[rows],
-                             f.frames[vid], f.frame_mask[vid], f.frame_logits[vid])
+                             f.frames[vid], f.frame_mask[vid], f.frame_logits[vid], padding=f.wti_padding)
     same = same_video_mask(vid)
     return vid[positive_first(sim, same, k)], rows[positive_first(sim.t(), same, k)]
 
@@ -131,11 +138,31 @@ def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Ten
     return generation_loss(out_t2v, None, cfg.loss, x0) + generation_loss(out_v2t, None, cfg.loss, x0)
 
 
-def build_models(width: int, cfg: GeneratorConfig, device) -> tuple:
-    """-> (t2v, v2t, params, optimizer, EMA copies) as train_generator trains them (seed first)."""
-    t2v, v2t = T2VDenoiser(width, cfg.temp).to(device), V2TDenoiser(width, cfg.temp).to(device)
+# The original recipe's BertAdam settings (main_retrieval.py prep_optimizer; lr and decay come from the config).
+ORIGINAL_OPTIMIZER = dict(warmup=0.1, schedule="warmup_cosine", b1=0.9, b2=0.98, e=1e-6, max_grad_norm=1.0)
+
+
+def make_optimizer(t2v: nn.Module, v2t: nn.Module, cfg: GeneratorConfig, total_steps: int | None = None):
+    """The recipe's optimiser over both denoisers. total_steps: the schedule's length t_total (all
+    steps of all epochs); None: no schedule (constant lr)."""
+    named = [(f"t2v.{n}", p) for n, p in t2v.named_parameters()] + [(f"v2t.{n}", p) for n, p in v2t.named_parameters()]
+    if cfg.recipe == "original":
+        return BertAdam(decay_groups(named, cfg.decay()), lr=cfg.lr, t_total=-1 if total_steps is None else total_steps,
+                        weight_decay=cfg.decay(), **ORIGINAL_OPTIMIZER)
+    return torch.optim.AdamW([p for _, p in named], lr=cfg.lr, weight_decay=cfg.decay())
+
+
+def build_models(width: int, cfg: GeneratorConfig, device, total_steps: int | None = None) -> tuple:
+    """-> (t2v, v2t, params, optimizer, EMA copies) as train_generator trains them (seed first).
+
+    total_steps: optimisation steps of the whole run (the original recipe's schedule length)."""
+    t2v, v2t = T2VDenoiser(width, cfg.temp), V2TDenoiser(width, cfg.temp)
+    if cfg.recipe == "original":
+        original_init_(t2v)
+        original_init_(v2t)
+    t2v, v2t = t2v.to(device), v2t.to(device)
     params = list(t2v.parameters()) + list(v2t.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(t2v, v2t, cfg, total_steps)
     ema = [AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema)) for m in (t2v, v2t)] if cfg.ema > 0 else []
     return t2v, v2t, params, opt, ema
 
@@ -143,7 +170,7 @@ def build_models(width: int, cfg: GeneratorConfig, device) -> tuple:
 def train_step(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
                cfg: GeneratorConfig, gen: torch.Generator, opt: torch.optim.Optimizer, params: list, ema: list,
                pools=None) -> float | None:
-    """One optimisation step on the pairs `rows`: loss, backward, gradient clipping, AdamW, EMA.
+    """One optimisation step on the pairs `rows`: loss, backward, gradient clipping, optimiser, EMA.
 
     -> the loss (None: the batch has no negatives, nothing done). A non-finite loss or gradient norm
     is returned as is, with the weights left untouched (the caller stops).
@@ -220,7 +247,10 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     torch.manual_seed(cfg.seed)
     feats = load_split(reader, "train").to(device)
     width, n = feats.width, len(feats.caption_id)
-    t2v, v2t, params, opt, ema = build_models(width, cfg, device)
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = max(1, n // batch)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)  # the original recipe's schedule runs over all epochs
+    t2v, v2t, params, opt, ema = build_models(width, cfg, device, total_steps)
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history, start, spent = [], 0, 0.0
@@ -233,8 +263,10 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
         for e, s in zip(ema, state["ema"]):
             e.load_state_dict(s)
         opt.load_state_dict(state["optimizer"])
-        for g in opt.param_groups:  # --lr may change on resume
+        for g in opt.param_groups:  # --lr and --epochs (the schedule's length) may change on resume
             g["lr"] = cfg.lr
+            if "t_total" in g:
+                g["t_total"] = total_steps
         gen.set_state(state["rng"])
         history, start, spent = list(state["history"]), int(state["epochs_done"]), float(state["seconds"])
         log(f"resuming {out} after epoch {start} of {cfg.epochs}")
@@ -242,8 +274,6 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     if cfg.negatives == "cache":
         pools = mine_cache_negatives(feats, cfg.candidates, device=device, progress=progress)
         pools = tuple(p.to(device) for p in pools)
-    batch = min(cfg.batch_size, n)
-    steps_per_epoch = max(1, n // batch)
     steps = steps_per_epoch if max_steps is None else max(0, min(steps_per_epoch, max_steps))
     final = lambda: [e.module for e in ema] if ema else [t2v, v2t]  # noqa: E731  (evaluation uses the EMA)
     meta = None

@@ -125,11 +125,22 @@ def demo_data(out, n_train, n_test, seed, shifted, workers):
 @click.option("--grad-clip", default=1.0, show_default=True, help="Gradient-norm clipping.")
 @click.option("--loss", type=click.Choice(["infonce", "dsl"]), default="infonce", show_default=True,
               help="Training loss: symmetric InfoNCE, or the dual softmax loss (temperature 1000).")
+@click.option("--wti-padding", type=click.Choice(["zero", "exclude"]), default="zero", show_default=True,
+              help="A padded pair in the WTI maxima: counts as 0 (the original) or never wins.")
 @click.option("--frames", type=int, default=None, show_default="12; 64 for activitynet and didemo",
               help="Frame slots per video.")
 @click.option("--words", type=int, default=None, show_default="32; 64 for activitynet and didemo",
               help="Word slots per caption ([SOS] + tokens + [EOT]).")
 @click.option("--fps", default="1", show_default=True, help="Sampling rate before subsampling; 'uniform' spreads --frames over the video.")
+@click.option("--frame-rule", type=click.Choice(["original", "exact"]), default="original", show_default=True,
+              help="Which frames: the original's (integer frame rate, 29.97 -> 29; floor(linspace) subsampling) "
+                   "or exact (the float rate, rounded).")
+@click.option("--frame-padding", type=click.Choice(["zero-frame", "zero-feature"]), default="zero-frame",
+              metavar="KIND", show_default=True,
+              help="Padded frame slots: the CLS feature of an all-zero normalised frame (zero-frame, the "
+                   "original) or zeros (zero-feature).")
+@click.option("--end-second", default=None, metavar="N|none", show_default="31 for didemo, else none",
+              help="Sample seconds 0..N of each video only (the original reads DiDeMo to second 31); 'none': all.")
 @click.option("--workers", default=2, show_default=True, help="Decoding processes (per process under torchrun).")
 @click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision (GPU only).")
 @click.option("--grad-checkpointing", is_flag=True, show_default="off",
@@ -145,7 +156,7 @@ def demo_data(out, n_train, n_test, seed, shifted, workers):
 @click.option("--shard-rows", default=4096, show_default=True, hidden=True, help="Rows per HDF5 shard.")
 def extract(dataset, data_root, video_dir, out, model, pretrained, stage1_path, epochs, batch_size, lr, clip_lr_scale,
             weight_decay, warmup, grad_clip, loss, frames, words, fps, workers, amp, grad_checkpointing, resume, device,
-            seed, overwrite, decode_timeout, shard_rows):
+            seed, overwrite, decode_timeout, shard_rows, frame_rule, frame_padding, end_second, wti_padding):
     """Stage 1: fine-tune the CLIP extractor contrastively and dump features to a cache.
 
     Several GPUs or machines: start it with torchrun, e.g. `torchrun --nproc_per_node 4 -m
@@ -157,19 +168,26 @@ def extract(dataset, data_root, video_dir, out, model, pretrained, stage1_path, 
     with clear_errors():
         if not Path(data_root).exists():
             raise FileNotFoundError(f"data root {data_root} does not exist")
-        from diffret.extract.config import ExtractConfig, default_slots
+        from diffret.extract.config import ExtractConfig, default_end_second, default_slots
         from diffret.extract.stage1 import run_stage1
 
         target_fps = None if fps == "uniform" else float(fps)
+        if end_second is None:
+            end_second = default_end_second(dataset)
+        elif end_second.isdigit() or end_second.lower() == "none":
+            end_second = int(end_second) if end_second.isdigit() else None
+        else:
+            raise click.BadParameter(f"{end_second!r} is not a whole number or 'none'", param_hint="--end-second")
         slot_frames, slot_words = default_slots(dataset)
         cfg = ExtractConfig(
             dataset=dataset, data_root=str(Path(data_root).resolve()), video_dir=video_dir, model=model,
             pretrained=pretrained, epochs=epochs, batch_size=batch_size, lr=lr, clip_lr_scale=clip_lr_scale,
             weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, loss=loss,
             frames=slot_frames if frames is None else frames, words=slot_words if words is None else words,
-            target_fps=target_fps, workers=workers, device=device, seed=seed, amp=amp,
+            target_fps=target_fps, frame_rule=frame_rule, frame_padding=frame_padding, end_second=end_second,
+            workers=workers, device=device, seed=seed, amp=amp,
             grad_checkpointing=grad_checkpointing, shard_rows=shard_rows, decode_timeout=decode_timeout,
-            stage1=str(stage1_path) if stage1_path else None,
+            stage1=str(stage1_path) if stage1_path else None, wti_padding=wti_padding,
         )
         from diffret.extract.distributed import shutdown
 
@@ -207,18 +225,22 @@ def extract(dataset, data_root, video_dir, out, model, pretrained, stage1_path, 
 @click.option("--batch-size", default=128, show_default=True)
 @click.option("--lr", default=1e-4, show_default=True)
 @click.option("--ema", default=0.99, show_default=True, help="EMA decay of the saved weights (0: no EMA).")
+@click.option("--recipe", type=click.Choice(["original", "modern"]), default="original", show_default=True,
+              help="original: BertAdam (betas 0.9/0.98, no bias correction), 10% warm-up then cosine, weight decay "
+                   "0.2, layers N(0, 0.02); modern: AdamW at a constant lr, no decay, PyTorch's default init.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.pass_context
 def train_generator_cmd(ctx, cache_dir, out, epochs, steps, schedule, beta_scale, loss, x0, candidates, negatives,
-                        batch_size, lr, ema, device, seed, resume):
+                        batch_size, lr, ema, recipe, device, seed, resume):
     """Stage 2: train the t2v and v2t denoisers on cached features only."""
     from diffret.generator.config import GeneratorConfig
     from diffret.generator.trainer import resume_config, train_generator
 
     given = dict(steps=steps, schedule=schedule, beta_scale=beta_scale, loss=loss, x0=x0, candidates=candidates,
-                 negatives=negatives, batch_size=batch_size, epochs=epochs, lr=lr, ema=ema, device=device, seed=seed)
+                 negatives=negatives, batch_size=batch_size, epochs=epochs, lr=lr, ema=ema, recipe=recipe, device=device,
+                 seed=seed)
     with clear_errors():
         if resume:  # the saved settings, plus the options given on this command line
             explicit = {k: v for k, v in given.items()
@@ -240,6 +262,9 @@ def train_generator_cmd(ctx, cache_dir, out, epochs, steps, schedule, beta_scale
               help="Sampling steps S (strided, <= the generator's T).")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--clamp/--no-clamp", default=True, show_default=True, help="Clamp x0 to [-1, 1] at every step.")
+@click.option("--ddim-eps", type=click.Choice(["clamped", "raw"]), default="clamped", show_default=True,
+              help="DDIM re-derives epsilon from the clamped x0 (the original's guided-diffusion) or the raw one "
+                   "(diffusers' default).")
 @click.option("--top-k", default="32", show_default=True, help="Candidates re-ranked per query, or 'all'.")
 @click.option("--alpha", default=1.0, show_default=True, help="Weight of the generated distribution.")
 @click.option("--temp", default=1.0, show_default=True, help="Softmax temperature on x0.")
@@ -257,8 +282,8 @@ def train_generator_cmd(ctx, cache_dir, out, epochs, steps, schedule, beta_scale
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the metrics here.")
-def evaluate_cmd(cache_dir, generator_dir, steps, sampler, clamp, top_k, alpha, temp, dsl, dsl_temp, qb_norm, qb_beta,
-                 qb_k, split, allow_other_cache, save_sims, memory_budget, device, seed, json_out):
+def evaluate_cmd(cache_dir, generator_dir, steps, sampler, clamp, ddim_eps, top_k, alpha, temp, dsl, dsl_temp, qb_norm,
+                 qb_beta, qb_k, split, allow_other_cache, save_sims, memory_budget, device, seed, json_out):
     """Retrieval metrics in both directions: stage-1 scores, their diffusion re-ranking, DSL, QB-Norm."""
     from .evaluate import EvalOptions, evaluate
 
@@ -269,8 +294,8 @@ def evaluate_cmd(cache_dir, generator_dir, steps, sampler, clamp, top_k, alpha, 
             k = int(top_k)
         else:
             raise ValueError(f"--top-k must be a positive number or 'all', got {top_k!r}")
-        opts = EvalOptions(steps=steps, sampler=sampler, clamp=clamp, top_k=k, alpha=alpha, temp=temp, dsl=dsl,
-                           dsl_temp=dsl_temp, qb_norm=qb_norm, qb_beta=qb_beta, qb_k=qb_k, split=split,
+        opts = EvalOptions(steps=steps, sampler=sampler, clamp=clamp, ddim_eps=ddim_eps, top_k=k, alpha=alpha, temp=temp,
+                           dsl=dsl, dsl_temp=dsl_temp, qb_norm=qb_norm, qb_beta=qb_beta, qb_k=qb_k, split=split,
                            device=device, seed=seed, allow_other_cache=allow_other_cache,
                            memory_budget=int(memory_budget * 2**30))
         if not memory_budget > 0:
@@ -385,7 +410,8 @@ def cache_info_cmd(cache_dir, as_json):
     about.add_column("field", no_wrap=True)
     about.add_column("value")
     for k, v in (("dataset", info["dataset"]), ("model", f"{model.get('name', '')} ({model.get('pretrained', '')})"),
-                 ("stage-1 fingerprint", model.get("fingerprint", "")), ("schema version", info["schema_version"]),
+                 ("stage-1 fingerprint", model.get("fingerprint", "")), ("activation", info["activation"] or "unknown"),
+                 ("schema version", info["schema_version"]),
                  ("width D", info["width"]), ("word slots L", info["n_words"]), ("frame slots F", info["n_frames"]),
                  ("dtype", info["dtype"]), ("extraction", ", ".join(f"{k}={v}" for k, v in info["extract_config"].items())),
                  ("unreadable videos", "unknown" if info["failures"] is None else info["failures"]),

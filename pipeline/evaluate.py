@@ -8,9 +8,10 @@ Rows of the result, each in both directions:
 * `qbnorm` (with `qb_norm=True`): QB-Norm applied to the stage-1 scores, the query bank being the
   cache's training queries (t2v: training captions; v2t: training videos).
 
-Multi-caption test sets (MSVD, MSRVTT full, ...): t2v ranks each caption's video among all videos;
-v2t ranks every video against all captions and counts it as found at the best rank of any of its
-captions; videos without a test caption are distractors for t2v and are not v2t queries.
+Multi-caption test sets (MSVD, MSRVTT full, ...), the field's protocol (metrics.py): t2v ranks each
+caption's video among all videos; v2t scores each gallery video by the max over its captions of the
+row's v2t matrix (for `diffusion`, the re-scored one) and ranks the query's own video among the
+videos; videos without a test caption are distractors for t2v and are not v2t queries.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from diffret.generator.sampler import make_sampler
 from diffret.generator.schedule import NoiseSchedule, ScheduleConfig
 from diffret.generator.trainer import resolve_device
 
-from .metrics import ranks, recall_metrics
+from .metrics import retrieval_metrics
 from .revisers import dual_softmax, qb_norm, query_bank
 from .streaming import DEFAULT_MEMORY_BUDGET, check_streamable, in_memory_bytes, streamed_metrics
 
@@ -43,6 +44,7 @@ class EvalOptions:
     steps: int | None = None  # sampling steps S (strided), None = the generator's T
     sampler: str = "ddim"  # ddim | ddpm
     clamp: bool = True  # clamp x0 to [-1, 1] at every step
+    ddim_eps: str = "clamped"  # DDIM's epsilon from the clamped x0 (the original's guided-diffusion) | raw (diffusers)
     top_k: int | None = 32  # candidates re-ranked per query; None = the whole gallery
     alpha: float = 1.0
     temp: float = 1.0
@@ -73,7 +75,7 @@ def load_eval_data(cache_dir: Path, split: str = "test", device="cpu") -> EvalDa
     if len(f.caption_id) == 0 or len(f.video_id) == 0:
         raise CacheError(f"{cache_dir} has no {split} captions or videos to evaluate")
     S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
-                               device=device)
+                               device=device, padding=f.wti_padding)
     return EvalData(reader, f, S)
 
 
@@ -91,21 +93,15 @@ def check_generator_cache(meta: dict, reader: CacheReader, cache_dir, generator_
             raise CacheError(f"{e} (or pass --allow-other-cache)") from None
 
 
-def protocol_metrics(t2v: torch.Tensor, v2t: torch.Tensor, caption_video: torch.Tensor) -> dict:
-    """retrieval_metrics with the multi-caption protocol; videos without captions are not v2t queries.
-
-    t2v [Nt, Nv], v2t [Nv, Nt], caption_video [Nt] (video row of each caption)."""
-    nv = t2v.shape[1]
-    pos = caption_video[:, None] == torch.arange(nv)[None, :]  # [Nt, Nv]
-    has = pos.any(0)
-    m_t2v = recall_metrics(ranks(t2v, pos))
-    m_v2t = recall_metrics(ranks(v2t[has], pos.t()[has]))
-    return {"t2v": m_t2v, "v2t": m_v2t, "Rsum": sum(d[k] for d in (m_t2v, m_v2t) for k in ("R@1", "R@5", "R@10"))}
+# t2v [Nt, Nv], v2t [Nv, Nt], caption_video [Nt] -> {"t2v", "v2t", "Rsum"} by the multi-caption protocol
+protocol_metrics = retrieval_metrics
 
 
 def ground_truth(caption_video: torch.Tensor, n_videos: int) -> tuple[np.ndarray, np.ndarray]:
     """-> t2v_gt [Nt] (the right video column per caption row) and v2t_gt: [Nv] when every video has
-    exactly one caption, else [Nv, C] (its caption columns, padded with -1)."""
+    exactly one caption, else [Nv, C] (its caption columns, padded with -1). v2t_gt's rows are the
+    groups of the v2t protocol: a query video scores gallery video g by the max of its v2t row over
+    the columns v2t_gt[g], and its rank is that of its own video among the videos."""
     cv = caption_video.numpy()
     counts = np.bincount(cv, minlength=n_videos)
     if (counts == 1).all():
@@ -144,13 +140,14 @@ def _bank_blocks(reader: CacheReader, f: SplitFeatures, direction: str, device, 
         for s in range(0, len(text), chunk):
             yield wti_similarity_chunked(text.words[s:s + chunk], text.word_mask[s:s + chunk],
                                          text.word_logits[s:s + chunk], f.frames, f.frame_mask, f.frame_logits,
-                                         device=device)
+                                         device=device, padding=f.wti_padding)
     else:
         video = reader.video("train")
         for s in range(0, len(video), chunk // 4):
             e = s + chunk // 4
             yield wti_similarity_chunked(f.words, f.word_mask, f.word_logits, video.frames[s:e],
-                                         video.frame_mask[s:e], video.frame_logits[s:e], device=device).t()
+                                         video.frame_mask[s:e], video.frame_logits[s:e], device=device,
+                                         padding=f.wti_padding).t()
 
 
 def query_banks(reader: CacheReader, f: SplitFeatures, opts: EvalOptions, device) -> dict:
@@ -185,7 +182,7 @@ def eval_sampler(cfg, opts: EvalOptions):
     if opts.steps is not None and opts.steps > cfg.steps:
         raise ValueError(f"--steps {opts.steps} is more than the generator's {cfg.steps} diffusion steps")
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
-    return make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp)
+    return make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp, ddim_eps=opts.ddim_eps)
 
 
 def diffusion_row(data: EvalData, cfg, t2v, v2t, opts: EvalOptions, device, progress=None):
@@ -249,6 +246,7 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
             "top_k": "all" if opts.top_k is None or opts.top_k >= len(f.video_id) else opts.top_k,
             "steps": smp.num_inference_steps, "train_steps": cfg.steps, "schedule": cfg.schedule,
             "sampler": opts.sampler, "clamp": opts.clamp, "alpha": opts.alpha, "temp": opts.temp,
+            **({"ddim_eps": opts.ddim_eps} if opts.sampler == "ddim" else {}),
             "generator_cache": trained_on.get("path"),
             "out_of_domain": trained_on.get("path") not in (None, str(Path(cache_dir).resolve())),
         })

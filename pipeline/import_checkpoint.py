@@ -126,8 +126,8 @@ def build_stage1_checkpoint(stage1: dict[str, torch.Tensor], model: str, frames:
         raise ImportCheckpointError("the checkpoint has no transformerClip.resblocks.* (the temporal transformer)")
     cfg = ExtractConfig(dataset=dataset, model=name, pretrained="none", frames=frames, words=words, epochs=0,
                         temporal_layers=layers)
-    try:
-        net, _ = build_stage1(cfg)
+    try:  # every released checkpoint fine-tunes OpenAI's CLIP, which runs QuickGELU, whatever --model says
+        net, _ = build_stage1(cfg, activation="quick_gelu")
     except (BackboneError, CheckpointError) as e:
         raise ImportCheckpointError(str(e)) from None
     state = dict(stage1)

@@ -102,7 +102,7 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
     files = {"csv": str(out / "sweep.csv"), "json": str(out / "sweep.json"), "png": str(out / "sweep.png")}
     report = {"cache": str(cache_dir), "grid": asdict(grid), "base": base.to_dict(),
               "eval": {"top_k": opts.top_k, "alpha": opts.alpha, "temp": opts.temp, "clamp": opts.clamp,
-                       "split": opts.split, "sample_steps": "all T"},
+                       "ddim_eps": opts.ddim_eps, "split": opts.split, "sample_steps": "all T"},
               "discriminative": flat(disc), "rows": rows, "files": files, "seconds": round(time.time() - t0, 1)}
     write_csv(Path(files["csv"]), report)
     tmp = out / ".sweep.json.tmp"

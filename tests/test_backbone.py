@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffret.extract.backbone import BackboneError, build_clip, get_tokenizer, image_size
+from diffret.extract.backbone import BackboneError, activation_of, build_clip, get_tokenizer, image_size
 from diffret.extract.model import Stage1Model
 
 
@@ -18,6 +18,8 @@ def test_vit_b32_from_a_local_checkpoint(tmp_path):
     loaded = build_clip("ViT-B-32", str(path))
     for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), name
+    # open_clip's layout (no OpenAI metadata entries): the activation follows the model name.
+    assert activation_of(loaded) == "gelu"
 
     model = Stage1Model(loaded, max_frames=12).eval()
     assert model.width == 512 and image_size(loaded) == 224

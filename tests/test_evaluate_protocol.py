@@ -12,7 +12,7 @@ from synthetic_cache import synthetic_cache
 
 from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
 from diffret.pipeline.evaluate import ground_truth, protocol_metrics
-from diffret.pipeline.metrics import ranks, recall_metrics
+from diffret.pipeline.metrics import recall_metrics, v2t_ranks
 from diffret.pipeline.revisers import dual_softmax
 
 FP = "synthetic0000000"
@@ -30,16 +30,35 @@ def multi(tmp_path_factory):
 
 
 def test_multi_caption_protocol_by_hand():
-    # 3 videos; captions 0, 1 -> video 0, caption 2 -> video 1; video 2 has no caption.
-    cv = torch.tensor([0, 0, 1])
-    t2v = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.3, 0.4, 0.9]])  # ranks 1, 2, 2
-    v2t = torch.tensor([[0.1, 0.7, 0.9], [0.5, 0.1, 0.2], [0.9, 0.9, 0.9]])  # v0: best of c0 (3), c1 (2) -> 2; v1: c2 -> 2
+    # 3 videos; captions 0, 1 -> video 0, captions 2, 3 -> video 1; video 2 has no caption.
+    cv = torch.tensor([0, 0, 1, 1])
+    t2v = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.3, 0.4, 0.9], [0.1, 0.6, 0.2]])  # ranks 1, 2, 2, 1
+    v2t = torch.tensor([[0.6, 0.2, 0.5, 0.4],   # v0 scores (v0, v1) = (max(0.6, 0.2), max(0.5, 0.4)) = (0.6, 0.5) -> 1
+                        [0.9, 0.8, 0.7, 0.1],   # v1: (0.9, 0.7): v0 above its own -> 2
+                        [0.9, 0.9, 0.9, 0.9]])  # v2: no caption, no v2t query
+    # The old protocol (a video found at the best rank of its captions among all captions) gave v1
+    # 1 + |{0.9, 0.8}| = 3: both captions of v0 above, where the field's counts v0 once.
     m = protocol_metrics(t2v, v2t, cv)
-    assert m["t2v"]["MnR"] == pytest.approx(5 / 3) and m["t2v"]["R@1"] == pytest.approx(100 / 3)
-    assert m["v2t"]["MnR"] == 2.0 and m["v2t"]["R@1"] == 0.0  # video 2 is no v2t query
+    assert m["t2v"]["MnR"] == pytest.approx(6 / 4) and m["t2v"]["R@1"] == pytest.approx(50.0)
+    assert m["v2t"]["MnR"] == 1.5 and m["v2t"]["R@1"] == 50.0  # ranks (1, 2); video 2 is no v2t query
     t2v_gt, v2t_gt = ground_truth(cv, 3)
-    assert t2v_gt.tolist() == [0, 0, 1] and v2t_gt.tolist() == [[0, 1], [2, -1], [-1, -1]]
+    assert t2v_gt.tolist() == [0, 0, 1, 1] and v2t_gt.tolist() == [[0, 1], [2, 3], [-1, -1]]
     assert ground_truth(torch.tensor([1, 0]), 2)[1].tolist() == [1, 0]  # one caption each: [Nv]
+
+
+def v2t_ranks_from_file(v2t: np.ndarray, v2t_gt: np.ndarray) -> np.ndarray:
+    """The v2t protocol from a --save-sims file alone: gallery video g scored by the max of the query
+    video's row over g's caption columns (v2t_gt[g], -1 = padding), the query's own video ranked
+    among the videos (1 + the others at or above it); videos without captions are no queries."""
+    gt = v2t_gt[:, None] if v2t_gt.ndim == 1 else v2t_gt
+    nv = len(gt)
+    m = np.full((nv, nv), -np.inf)
+    for g in range(nv):
+        cols = gt[g][gt[g] >= 0]
+        if len(cols):
+            m[:, g] = v2t[:, cols].max(1)
+    queries = [q for q in range(nv) if (gt[q] >= 0).any()]
+    return np.array([(m[q] >= m[q, q]).sum() for q in queries])
 
 
 def test_all_rows_saved_sims_reproduce_the_metrics(multi, tmp_path):
@@ -57,17 +76,19 @@ def test_all_rows_saved_sims_reproduce_the_metrics(multi, tmp_path):
     for row, metrics in report["results"].items():
         t2v, v2t = torch.from_numpy(z[f"{row}_t2v"]), torch.from_numpy(z[f"{row}_v2t"])
         assert t2v.shape == (18, 7) and v2t.shape == (7, 18)
-        # recompute from the file alone: t2v by t2v_gt, v2t by the rows of v2t_gt (-1 = padding)
-        pos = torch.zeros(18, 7, dtype=torch.bool)
-        pos[torch.arange(18), torch.from_numpy(z["t2v_gt"])] = True
-        assert recall_metrics(ranks(t2v, pos)) == pytest.approx(metrics["t2v"])
-        vpos = torch.zeros(7, 18, dtype=torch.bool)
-        for v, cols in enumerate(torch.from_numpy(z["v2t_gt"])):
-            vpos[v, cols[cols >= 0]] = True
-        keep = vpos.any(1)  # a video without captions is no v2t query
-        assert recall_metrics(ranks(v2t[keep], vpos[keep])) == pytest.approx(metrics["v2t"])
+        # recompute from the file alone: t2v by t2v_gt, v2t by the groups v2t_gt (-1 = padding)
+        t2v_np = t2v.numpy()
+        right = t2v_np[np.arange(18), z["t2v_gt"]]
+        assert recall_metrics(torch.from_numpy((t2v_np >= right[:, None]).sum(1))) == pytest.approx(metrics["t2v"])
+        assert recall_metrics(torch.from_numpy(v2t_ranks_from_file(v2t.numpy(), z["v2t_gt"]))) == \
+            pytest.approx(metrics["v2t"])
     S = torch.from_numpy(z["discriminative_t2v"])
     assert torch.allclose(torch.from_numpy(z["dsl_t2v"]), dual_softmax(S, 1.0, 100.0), rtol=1e-5)
+    # the diffusion row's v2t max over captions runs on the re-scored matrix (not on S^T)
+    s_v2t = torch.from_numpy(z["diffusion_v2t"])
+    assert not torch.equal(s_v2t, S.t())
+    cv = torch.from_numpy(z["t2v_gt"])
+    assert recall_metrics(v2t_ranks(s_v2t, cv)) == pytest.approx(report["results"]["diffusion"]["v2t"])
     # whole-gallery generation changes every entry; top-2 re-ranking leaves the rest of each row as it was
     assert (torch.from_numpy(z["diffusion_t2v"]) != S).all()
     run_cli("evaluate", "--cache", cache, "--generator", gen, "--top-k", 2, "--steps", 5, "--save-sims", sims)

@@ -93,6 +93,11 @@ def test_import_maps_every_weight(original, tmp_path):
     assert "ignored 2 keys" in r.output
     net, _, fp, cfg = load_stage1(out / "stage1.pt")  # what `extract --stage1` loads (checks the fingerprint)
     assert (cfg["model"], cfg["pretrained"], cfg["frames"], cfg["temporal_layers"]) == ("tiny", "none", 12, 4)
+    # the released checkpoints fine-tune OpenAI's CLIP: QuickGELU everywhere, whatever --model names
+    from diffret.extract.backbone import activation_of
+
+    assert activation_of(net) == "quick_gelu" and torch.load(out / "stage1.pt", weights_only=False)["activation"] == "quick_gelu"
+    assert (cfg["wti_padding"], cfg["frame_padding"]) == ("zero", "zero-frame")  # the original's rules
     ours = net.state_dict()
     assert torch.equal(ours["clip.visual.conv1.weight"], sd["clip.visual.conv1.weight"])
     assert torch.equal(ours["clip.transformer.resblocks.1.mlp.c_fc.weight"], sd["clip.transformer.resblocks.1.mlp.c_fc.weight"])

@@ -8,6 +8,7 @@ T = 50
 
 
 def _ddim_ref(set_alpha_to_one=True, steps=T):
+    """diffusers' DDIM configured as ours; which epsilon (clipped or raw x0) is chosen per step()."""
     diffusers = pytest.importorskip("diffusers")
     return diffusers.DDIMScheduler(
         num_train_timesteps=steps,
@@ -85,23 +86,91 @@ def test_ddim_step_matches_diffusers(set_alpha_to_one, use_clipped, eta, S):
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-@pytest.mark.parametrize("S", [50, 10])
-def test_ddim_full_loop_matches_diffusers(eta, S):
+def _diffusers_trajectory(S, eta, use_clipped, shape=(5, 8), seed=123):
+    """diffusers' DDIM loop over fake_model -> (final x_prev, last clipped x0, max |x0_hat| seen)."""
     ref = _ddim_ref()
     ref.set_timesteps(S)
-    shape = (5, 8)
-    g = torch.Generator().manual_seed(123)
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g)
+    peak = 0.0
     for t in ref.timesteps.tolist():
-        out = ref.step(fake_model(x, torch.full((shape[0],), t)), t, x, eta=eta, generator=g)
+        x0_hat = fake_model(x, torch.full((shape[0],), t))
+        peak = max(peak, x0_hat.abs().max().item())
+        out = ref.step(x0_hat, t, x, eta=eta, use_clipped_model_output=use_clipped, generator=g)
         x, last_x0 = out.prev_sample, out.pred_original_sample
-    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", steps=T), num_inference_steps=S, eta=eta)
-    ours = sampler.sample(fake_model, shape, generator=torch.Generator().manual_seed(123))
+    return x, last_x0, peak
+
+
+@pytest.mark.parametrize("ddim_eps", ["clamped", "raw"])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+@pytest.mark.parametrize("S", [50, 10])
+def test_ddim_full_loop_matches_diffusers(ddim_eps, eta, S):
+    """clamped (the default, guided-diffusion's ddim_sample) = diffusers' use_clipped_model_output=True;
+    raw = diffusers' default. Over a whole trajectory whose x0 predictions leave [-1, 1]."""
+    x, last_x0, peak = _diffusers_trajectory(S, eta, use_clipped=ddim_eps == "clamped")
+    assert peak > 1.2  # the rule matters only when x0_hat leaves [-1, 1]
+    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", steps=T), num_inference_steps=S, eta=eta,
+                           ddim_eps=ddim_eps)
+    ours = sampler.sample(fake_model, (5, 8), generator=torch.Generator().manual_seed(123))
     torch.testing.assert_close(ours, last_x0, atol=2e-5, rtol=1e-4)
     assert ours.abs().max() <= 1.0
     # with set_alpha_to_one the final x_prev is the clipped x0 prediction itself
     torch.testing.assert_close(x, last_x0, atol=1e-6, rtol=0)
+
+
+def test_ddim_default_is_the_clamped_epsilon_and_raw_differs():
+    s = NoiseSchedule(kind="cosine", steps=T)
+    assert DDIMSampler(s).use_clipped_model_output and make_sampler("ddim", s).use_clipped_model_output
+    assert not make_sampler("ddim", s, ddim_eps="raw").use_clipped_model_output
+    runs = {e: make_sampler("ddim", s, ddim_eps=e).sample(fake_model, (5, 8),
+                                                          generator=torch.Generator().manual_seed(123))
+            for e in ("clamped", "raw")}
+    assert (runs["clamped"] - runs["raw"]).abs().max() > 1e-2
+    _, theirs_default, _ = _diffusers_trajectory(T, 0.0, use_clipped=False)  # diffusers' own default is "raw"
+    torch.testing.assert_close(runs["raw"], theirs_default, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="ddim_eps"):
+        make_sampler("ddim", s, ddim_eps="clipped")
+    ddpm = make_sampler("ddpm", s, ddim_eps="raw")  # DDPM's posterior always takes the clamped x0
+    assert isinstance(ddpm, DDPMSampler)
+
+
+# T = 4 cosine, alpha_bar_t = cos^2(((t+1)/4 + 0.008)/1.008 pi/2) / cos^2(0.008/1.008 pi/2): S = 2 strided
+# steps t = 2, 0. x_T = (0.5, -1.2, 0.9); the denoiser x0_hat(x, t) = (0.4 + 1.05 t) x + 0.3 t - 0.1.
+#   t = 2: x0_hat = 2.5 x_T + 0.5 = (1.75, -2.5, 2.75), clamped c = (1, -1, 1)
+#          clamped: eps = (x_T - sqrt(ab_2) c) / sqrt(1 - ab_2); raw: eps = (x_T - sqrt(ab_2) x0_hat) / sqrt(1 - ab_2)
+#          x_0 = sqrt(ab_0) c + sqrt(1 - ab_0) eps
+#   t = 0: result = clamp(0.4 x_0 - 0.1)
+HAND = {
+    "alpha_bar": (0.847012161327, 0.493843590441, 0.144272102386, 0.000144272102),
+    "clamped": {"eps": (0.12990389, -0.88661515, 0.56231032), "x_prev": (0.97114280, -1.26712027, 1.14027278),
+                "out": (0.28845712, -0.60684811, 0.35610911)},
+    "raw": {"eps": (-0.17804922, -0.27070892, -0.15624694), "x_prev": (0.85069107, -1.02621680, 0.85921874),
+            "out": (0.24027643, -0.51048672, 0.24368750)},
+}
+
+
+@pytest.mark.parametrize("ddim_eps", ["clamped", "raw"])
+def test_ddim_two_strided_steps_by_hand(ddim_eps):
+    s = NoiseSchedule(kind="cosine", steps=4)
+    ab = HAND["alpha_bar"]
+    assert s.alphas_cumprod.tolist() == pytest.approx(ab, abs=1e-11)
+    x_T = torch.tensor([[0.5, -1.2, 0.9]], dtype=torch.float64)
+    fn = lambda x, t: (0.4 + 1.05 * t[:, None].to(x.dtype)) * x + 0.3 * t[:, None].to(x.dtype) - 0.1  # noqa: E731
+    sampler = make_sampler("ddim", s, num_inference_steps=2, ddim_eps=ddim_eps)
+    assert sampler.timesteps.tolist() == [2, 0]
+    want = HAND[ddim_eps]
+    x0_hat = fn(x_T, torch.tensor([2]))
+    assert x0_hat[0].tolist() == pytest.approx([1.75, -2.5, 2.75])
+    # the formulas, then the numbers written out
+    src = x0_hat.clamp(-1, 1) if ddim_eps == "clamped" else x0_hat
+    eps = (x_T - ab[2] ** 0.5 * src) / (1 - ab[2]) ** 0.5
+    assert eps[0].tolist() == pytest.approx(want["eps"], abs=1e-8)
+    x_prev = sampler.step(x0_hat, 2, x_T)
+    torch.testing.assert_close(x_prev, ab[0] ** 0.5 * x0_hat.clamp(-1, 1) + (1 - ab[0]) ** 0.5 * eps, atol=1e-12,
+                               rtol=0)
+    assert x_prev[0].tolist() == pytest.approx(want["x_prev"], abs=1e-8)
+    out = sampler.sample(fn, (1, 3), x_T=x_T, dtype=torch.float64)
+    assert out[0].tolist() == pytest.approx(want["out"], abs=1e-8)
 
 
 def test_ddim_deterministic_and_unclipped():
@@ -166,3 +235,40 @@ def test_sample_passes_shared_timestep_batch():
 
     make_sampler("ddpm", NoiseSchedule(kind="linear", steps=20), num_inference_steps=4).sample(fn, (3, 2))
     assert seen == [[15] * 3, [10] * 3, [5] * 3, [0] * 3]
+
+
+@pytest.mark.parametrize("ddim_eps", ["clamped", "raw"])
+def test_rerank_fast_path_follows_the_sampler_rule(ddim_eps):
+    """generator/rerank.py's step loop (`_sample_block`) equals DDIMSampler.sample over the plain
+    denoiser formula, for either epsilon rule, with x0 predictions well outside [-1, 1]."""
+    from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
+    from diffret.generator.rerank import generate
+
+    torch.manual_seed(0)
+    nq, nv, F, D, K, seed = 6, 9, 4, 16, 5, 7
+    text, frames = torch.randn(nq, D), torch.randn(nv, F, D)
+    mask = torch.arange(F)[None, :] < torch.randint(2, F + 1, (nv,))[:, None]
+    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", steps=20), ddim_eps=ddim_eps)
+    for model in (T2VDenoiser(D).eval(), V2TDenoiser(D).eval()):
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.4)
+        t2v = isinstance(model, T2VDenoiser)
+        cand = torch.stack([torch.randperm(nv if t2v else nq)[:K] for _ in range(nq if t2v else nv)])
+        if t2v:
+            args, n = (text, None, frames, mask), nq
+            fn = lambda x, t: model.reference_forward(x, t, text, frames[cand], mask[cand])  # noqa: E731
+        else:
+            args, n = (frames, mask, text, None), nv
+            fn = lambda x, t: model.reference_forward(x, t, text[cand], frames, mask)  # noqa: E731
+        peak = []
+
+        def recorded(x, t):
+            out = fn(x, t)
+            peak.append(out.abs().max().item())
+            return out
+
+        with torch.no_grad():
+            ref = sampler.sample(recorded, (n, K), generator=torch.Generator().manual_seed(seed))
+        assert max(peak) > 2.0
+        fast = generate(model, *args, sampler, cand, alpha=1.5, temp=2.0, chunk=n, seed=seed)
+        torch.testing.assert_close(fast, 1.5 * torch.softmax(2.0 * ref, 1), atol=1e-5, rtol=0)

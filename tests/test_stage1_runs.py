@@ -153,15 +153,18 @@ def test_resume_reuse_and_stage1_checkpoint(small_set, reference, tmp_path):
     with pytest.raises(CheckpointError, match=r"another recipe \(lr was 0\.001, now 0\.002\)"):
         run_stage1(replace(cfg, lr=2e-3), out, log=lambda *a: None)
 
-    # --stage1: another cache from the same stage-1 model, no fine-tuning, same features.
+    # --stage1: another cache from the same stage-1 model, no fine-tuning, same features; the model's
+    # own rules (the WTI rule it trained with, its padded frame slots) come with it, not from the flags.
     other = tmp_path / "other"
     shutil.copy(small_set, tmp_path / "manifest.csv")
     r = run_cli("extract", "--dataset", "manifest", "--data-root", tmp_path / "manifest.csv", "--out", other,
                 "--stage1", reference / "stage1.pt", "--frames", "4", "--words", "16", "--fps", "uniform",
-                "--workers", "0", "--epochs", "3")
+                "--workers", "0", "--epochs", "3", "--wti-padding", "exclude", "--frame-padding", "zero-feature")
     assert "no fine-tuning" in r.output
     manifest = CacheReader(other).manifest
     assert manifest.fingerprint == ref_fp and manifest.model["name"] == "tiny"
+    assert manifest.wti_padding == CacheReader(reference).manifest.wti_padding == "zero"
+    assert manifest.extract_config["frame_padding"] == "zero-frame"
     assert manifest.extract_config["epochs"] == 0 and manifest.extract_config["stage1"].endswith("stage1.pt")
     assert not (other / "stage1.pt").exists()
     assert_same_cache(reference, other, atol=0)

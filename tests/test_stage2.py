@@ -74,17 +74,41 @@ def _weights(folder):
     return torch.load(folder / "generator.pt", weights_only=False)
 
 
-def test_resume_equals_an_uninterrupted_run(syn, tmp_path):
+def _interrupt_in_epoch_2(monkeypatch):
+    """Make the next training stop in its second epoch (3 steps an epoch), as a crash would."""
+    real, calls = trainer.batch_loss, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(trainer, "batch_loss", flaky)
+    return lambda: monkeypatch.setattr(trainer, "batch_loss", real)
+
+
+@pytest.mark.parametrize("recipe", ["original", "modern"])
+def test_resume_equals_an_uninterrupted_run(syn, tmp_path, monkeypatch, recipe):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli("train-generator", "--cache", syn, "--out", straight, "--epochs", 3, *FAST)
-    run_cli("train-generator", "--cache", syn, "--out", resumed, "--epochs", 1, *FAST)
-    r = run_cli("train-generator", "--cache", syn, "--out", resumed, "--epochs", 3, "--resume")
+    run_cli("train-generator", "--cache", syn, "--out", straight, "--epochs", 3, *FAST, "--recipe", recipe)
+    if recipe == "original":  # the lr schedule spans all epochs: an interrupted 3-epoch run
+        restore = _interrupt_in_epoch_2(monkeypatch)
+        run_cli("train-generator", "--cache", syn, "--out", resumed, "--epochs", 3, *FAST, ok=False)
+        restore()
+        r = run_cli("train-generator", "--cache", syn, "--out", resumed, "--resume")
+    else:  # a constant lr: a 1-epoch run extended to 3 is the same run
+        run_cli("train-generator", "--cache", syn, "--out", resumed, "--epochs", 1, *FAST, "--recipe", recipe)
+        r = run_cli("train-generator", "--cache", syn, "--out", resumed, "--epochs", 3, "--resume")
     assert "resuming" in r.output and "after epoch 1 of 3" in " ".join(r.output.split())
     a, b = _weights(straight), _weights(resumed)
     for d in ("t2v", "v2t"):
         for k in a[d]:
             assert torch.equal(a[d][k], b[d][k]), (d, k)
     assert a["meta"]["history"] == b["meta"]["history"] and b["meta"]["epochs_done"] == 3
+    assert b["meta"]["config"]["recipe"] == recipe  # resume keeps the saved recipe
+    r = run_cli("train-generator", "--cache", syn, "--out", resumed, "--resume", "--epochs", 4, "--recipe",
+                "modern" if recipe == "original" else "original", ok=False)
+    assert r.exit_code == 1 and "cannot change recipe" in r.output
     # a finished run resumed again trains nothing; changing a fixed setting is refused in one line
     r = run_cli("train-generator", "--cache", syn, "--out", resumed, "--resume")
     assert "already has 3 epochs" in " ".join(r.output.split())
@@ -114,3 +138,57 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(syn, tmp_path, monkey
     monkeypatch.setattr(trainer, "batch_loss", real)
     run_cli("train-generator", "--cache", syn, "--out", out, "--resume")
     assert _weights(out)["meta"]["epochs_done"] == 3
+
+
+def test_original_recipe_optimiser_schedule_and_init(syn, tmp_path):
+    """The default recipe is the original's: BertAdam over both denoisers (decay 0.2 on weights, 0 on
+    biases, betas 0.9/0.98, eps 1e-6, 10% warm-up then warmup_cosine over every step of every epoch),
+    N(0, 0.02) weights and zero biases; --recipe modern is AdamW at a constant lr with PyTorch's init."""
+    from diffret.generator.bert_adam import BertAdam
+    from diffret.generator.config import GeneratorConfig
+    from diffret.generator.denoiser import PositionalEncoding
+
+    torch.manual_seed(0)
+    t2v, v2t, params, opt, _ = trainer.build_models(64, GeneratorConfig(), "cpu", total_steps=40)
+    assert isinstance(opt, BertAdam)
+    g = {grp["weight_decay"]: grp for grp in opt.param_groups}
+    assert set(g) == {0.2, 0.0}
+    for grp in opt.param_groups:
+        assert (grp["lr"], grp["b1"], grp["b2"], grp["e"], grp["warmup"], grp["t_total"], grp["schedule"],
+                grp["max_grad_norm"]) == (1e-4, 0.9, 0.98, 1e-6, 0.1, 40, "warmup_cosine", 1.0)
+    assert all(p.ndim == 2 for p in g[0.2]["params"]) and all(p.ndim == 1 for p in g[0.0]["params"])
+    assert len(g[0.2]["params"]) + len(g[0.0]["params"]) == len(params) == 26
+    for m in (t2v, v2t):
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                assert (p == 0).all(), name
+            else:
+                assert abs(p.std().item() - 0.02) < 0.004 and abs(p.mean().item()) < 0.005, name
+        assert torch.equal(m.sequence_pos_encoder.pe, PositionalEncoding(64).pe)  # the fixed table is untouched
+
+    torch.manual_seed(0)
+    t2v, _, _, opt, _ = trainer.build_models(64, GeneratorConfig(recipe="modern"), "cpu", total_steps=40)
+    assert type(opt) is torch.optim.AdamW
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and opt.param_groups[0]["weight_decay"] == 0.0
+    assert t2v.proj.bias.abs().sum() > 0 and t2v.decoder[0].weight.std() > 0.02  # PyTorch's default init
+
+    # training: the schedule's length is every step of every epoch, recorded with the recipe
+    out = tmp_path / "gen"
+    run_cli("train-generator", "--cache", syn, "--out", out, "--epochs", 2, *FAST)
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert state["config"]["recipe"] == "original" and state["config"]["weight_decay"] is None
+    assert {grp["t_total"] for grp in state["optimizer"]["param_groups"]} == {2 * 3}  # 24 captions / 8 a batch
+    assert {s["step"] for s in state["optimizer"]["state"].values()} == {6}
+    assert json.loads((out / "generator.json").read_text())["config"]["recipe"] == "original"
+
+
+def test_configs_written_before_the_recipe_read_as_modern():
+    from diffret.generator.config import GeneratorConfig
+
+    old = GeneratorConfig().to_dict()
+    del old["recipe"]
+    old["weight_decay"] = 0.0
+    assert GeneratorConfig.from_dict(old).recipe == "modern" and GeneratorConfig.from_dict(old).decay() == 0.0
+    assert GeneratorConfig().decay() == 0.2 and GeneratorConfig(recipe="modern").decay() == 0.0
+    with pytest.raises(ValueError, match="recipe"):
+        GeneratorConfig(recipe="bert").validate()

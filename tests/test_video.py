@@ -83,30 +83,39 @@ def test_one_fps_rule_short_video_gives_fewer_frames():
     assert idx == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90]  # 10 s -> 10 frames, 2 slots padded
 
 
-def test_one_fps_rule_long_video_subsamples_uniformly():
-    idx = sample_frame_indices(1000, 10.0, 12, target_fps=1.0)  # 100 one-per-second candidates
+@pytest.mark.parametrize("rule, cut", [("original", np.floor), ("exact", np.rint)])
+def test_one_fps_rule_long_video_subsamples_uniformly(rule, cut):
+    idx = sample_frame_indices(1000, 10.0, 12, target_fps=1.0, rule=rule)  # 100 one-per-second candidates
     assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 990
     assert all(i % 10 == 0 for i in idx) and idx == sorted(set(idx))
     cand = np.arange(0, 1000, 10)
-    assert idx == cand[np.rint(np.linspace(0, 99, 12)).astype(int)].tolist()
+    assert idx == cand[cut(np.linspace(0, 99, 12)).astype(int)].tolist()
+    idx = sample_frame_indices(1000, 10.0, 7, target_fps=1.0, rule=rule)  # linspace(0, 99, 7) is not whole
+    assert idx == cand[cut(np.linspace(0, 99, 7)).astype(int)].tolist()
 
 
-def test_one_fps_rule_fractional_fps_and_other_rates():
-    idx = sample_frame_indices(300, 29.97, 12, target_fps=1.0)  # ~10 s of NTSC video
-    assert idx == [round(i * 29.97) for i in range(11) if round(i * 29.97) < 300]
-    assert sample_frame_indices(30, 10.0, 12, target_fps=2.0) == [0, 5, 10, 15, 20, 25]
-    assert sample_frame_indices(5, 10.0, 12, target_fps=1.0) == [0]  # < 1 s: one frame
+@pytest.mark.parametrize("rule", ["original", "exact"])
+def test_one_fps_rule_fractional_fps_and_other_rates(rule):
+    idx = sample_frame_indices(300, 29.97, 12, target_fps=1.0, rule=rule)  # ~10 s of NTSC video
+    if rule == "exact":  # the float rate: frames round(i * 29.97)
+        assert idx == [round(i * 29.97) for i in range(11) if round(i * 29.97) < 300]
+    else:  # the original's integer rate 29 (see test_frame_rule.py)
+        assert idx == [29 * i for i in range(11)]
+    assert sample_frame_indices(30, 10.0, 12, target_fps=2.0, rule=rule) == [0, 5, 10, 15, 20, 25]
+    assert sample_frame_indices(5, 10.0, 12, target_fps=1.0, rule=rule) == [0]  # < 1 s: one frame
     # target above the native rate: every frame once, never repeats
-    assert sample_frame_indices(6, 10.0, 12, target_fps=25.0) == [0, 1, 2, 3, 4, 5]
+    assert sample_frame_indices(6, 10.0, 12, target_fps=25.0, rule=rule) == [0, 1, 2, 3, 4, 5]
 
 
-def test_uniform_rule():
-    assert sample_frame_indices(20, 10.0, 12, target_fps=None) == np.rint(np.linspace(0, 19, 12)).astype(int).tolist()
-    idx = sample_frame_indices(24, 8.0, 12, target_fps=None)  # the 3 s demo clips at 8 fps
+@pytest.mark.parametrize("rule, cut", [("original", np.floor), ("exact", np.rint)])
+def test_uniform_rule(rule, cut):
+    want = cut(np.linspace(0, 19, 12)).astype(int).tolist()
+    assert sample_frame_indices(20, 10.0, 12, target_fps=None, rule=rule) == want
+    idx = sample_frame_indices(24, 8.0, 12, target_fps=None, rule=rule)  # the 3 s demo clips at 8 fps
     assert len(idx) == 12 and idx[0] == 0 and idx[-1] == 23
-    assert sample_frame_indices(5, 8.0, 12, target_fps=None) == [0, 1, 2, 3, 4]  # total < n
-    assert sample_frame_indices(1, 8.0, 12, target_fps=None) == [0]
-    assert sample_frame_indices(50, 0.0, 1, target_fps=None) == [0]  # fps ignored
+    assert sample_frame_indices(5, 8.0, 12, target_fps=None, rule=rule) == [0, 1, 2, 3, 4]  # total < n
+    assert sample_frame_indices(1, 8.0, 12, target_fps=None, rule=rule) == [0]
+    assert sample_frame_indices(50, 0.0, 1, target_fps=None, rule=rule) == [0]  # fps ignored
 
 
 def test_sampling_rejects_bad_arguments():
@@ -260,10 +269,11 @@ def test_normalize():
 
 def test_frame_spec_defaults_and_validation():
     spec = FrameSpec()
-    assert (spec.n_frames, spec.size, spec.target_fps) == (12, 224, 1.0)
+    assert (spec.n_frames, spec.size, spec.target_fps, spec.rule, spec.end_second) == (12, 224, 1.0, "original", None)
     assert spec.mean == (0.48145466, 0.4578275, 0.40821073)
     assert spec.std == (0.26862954, 0.26130258, 0.27577711)
-    for bad in (dict(n_frames=0), dict(size=0), dict(target_fps=0.0)):
+    for bad in (dict(n_frames=0), dict(size=0), dict(target_fps=0.0), dict(rule="cv2"), dict(target_fps=1.5),
+                dict(end_second=2.5)):
         with pytest.raises(ValueError):
             FrameSpec(**bad)
 
