@@ -158,7 +158,8 @@ def measure_baseline(args, device: torch.device) -> dict:
     tokens, video, mask, _ = random_batch(n, args.frames, args.words, size, device, seed=args.seed)
     width = model.width
     cfg = GeneratorConfig(batch_size=B, candidates=args.candidates, device=str(device), seed=args.seed)
-    t2v, v2t, params, opt, ema = trainer.build_models(width, cfg, device)
+    total = args.baseline_warmup + args.baseline_steps  # the original recipe's schedule over the timed run
+    t2v, v2t, params, opt, ema = trainer.build_models(width, cfg, device, total_steps=total)
     schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
     gen = torch.Generator(device=device).manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
