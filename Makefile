@@ -10,7 +10,7 @@ DEMO := runs/demo
 DEMO_EXTRACT_FLAGS ?= --epochs 3 --batch-size 64 --lr 1e-3 --clip-lr-scale 1 --fps uniform
 DEMO_GENERATOR_FLAGS ?= --epochs 5 --lr 1e-3
 
-.PHONY: demo demo-table test install clean
+.PHONY: demo demo-table test test-fast install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo-table: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# Everything but the tests marked slow (end-to-end runs, full-size models): under a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -25,7 +25,7 @@ block; the JSON marks those rows "partial".
 The JSON records the OpenMP wait policy, the thread count and the load averages: on a CPU shared
 with other jobs, the default (spinning) OpenMP threads of the original's loop wait at every op for a
 descheduled partner (diffret's hot loops run independent blocks on single-threaded workers instead,
-see cache/wti.py `run_blocks`); OMP_WAIT_POLICY=PASSIVE is fairer to the baseline under load.
+see cache/blocks.py `run_blocks`); OMP_WAIT_POLICY=PASSIVE is fairer to the baseline under load.
 """
 from __future__ import annotations
 
@@ -46,11 +46,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import write_synthetic_cache  # noqa: E402
 
 from diffret.cache.wti import wti_similarity_chunked  # noqa: E402
+from diffret.generator.config import GeneratorConfig  # noqa: E402
 from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser  # noqa: E402
+from diffret.generator.device import resolve_device  # noqa: E402
 from diffret.generator.features import load_split  # noqa: E402
+from diffret.generator.generator import Generator  # noqa: E402
 from diffret.generator.rerank import rerank  # noqa: E402
-from diffret.generator.sampler import make_sampler  # noqa: E402
-from diffret.generator.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
+
+
+def random_generator(width: int, steps: int, device) -> Generator:
+    """Untrained denoisers (PyTorch's default init) on a cosine schedule of T = `steps`."""
+    t2v, v2t = T2VDenoiser(width).to(device).eval(), V2TDenoiser(width).to(device).eval()
+    return Generator(GeneratorConfig(train_steps=steps), t2v, v2t, {"width": width})
 
 
 def sync(device):
@@ -144,7 +151,8 @@ def synthetic_features(n: int, width: int = 512, frames: int = 12, words: int = 
 
 def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, steps: int) -> dict:
     """Peak memory of one evaluation (stage-1, diffusion top-32 and DSL rows) of n x n items."""
-    from diffret.pipeline.evaluate import EvalOptions, protocol_metrics
+    from diffret.pipeline.evaluate import EvalOptions
+    from diffret.pipeline.metrics import retrieval_metrics
     from diffret.pipeline.revisers import dual_softmax
     from diffret.pipeline.streaming import in_memory_bytes, streamed_metrics
 
@@ -152,9 +160,9 @@ def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, st
     f = synthetic_features(n)
     features_mb = rss_mb()
     reset = reset_peak_rss()
-    opts = EvalOptions(top_k=32, steps=steps, dsl=True)
-    t2v, v2t = T2VDenoiser(f.width).to(device).eval(), V2TDenoiser(f.width).to(device).eval()
-    smp = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=steps)), steps)
+    opts = EvalOptions(top_k=32, sample_steps=steps, dsl=True)
+    gen = random_generator(f.width, steps, device)
+    t2v, v2t, smp = gen.t2v, gen.v2t, gen.sampler("ddim", steps)
     row = {"items": n, "mode": mode, "features_rss_mb": round(features_mb, 1),
            "in_memory_bytes_formula_mb": round(in_memory_bytes(n, n, True, True, False) / 2**20, 1)}
     if mode == "in-memory":
@@ -165,9 +173,9 @@ def growth_one(n: int, mode: str, device, block: int, max_blocks: int | None, st
              rerank(S.t().contiguous(), v2t, f.frames, f.frame_mask, f.sentence, None, **common))
         rows = {"discriminative": (S, S.t()), "diffusion": d,
                 "dsl": (dual_softmax(S, 1.0, 100.0), dual_softmax(S.t(), 1.0, 100.0))}
-        results = {k: protocol_metrics(a, b, f.caption_video) for k, (a, b) in rows.items()}
+        results = {k: retrieval_metrics(a, b, f.caption_video) for k, (a, b) in rows.items()}
     else:
-        results, info = streamed_metrics(f, opts, device, (None, t2v, v2t, None), smp, None, 100.0, block=block,
+        results, info = streamed_metrics(f, opts, device, gen, smp, None, 100.0, block=block,
                                          max_blocks=max_blocks)
         row.update(block_captions=info["block_captions"], partial=max_blocks is not None,
                    blocks_per_pass=min(max_blocks or 10**9, -(-n // info["block_captions"])),
@@ -219,7 +227,7 @@ def main():
     ap.add_argument("--growth-one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="streamed", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -248,8 +256,8 @@ def main():
     stage1_s = time.perf_counter() - t0
 
     D = f.width
-    t2v, v2t = T2VDenoiser(D).to(device).eval(), V2TDenoiser(D).to(device).eval()
-    sampler = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=args.steps)), args.steps)
+    gen = random_generator(D, args.steps, device)
+    t2v, v2t, sampler = gen.t2v, gen.v2t, gen.sampler("ddim", args.steps)
     dev_feats = f.to(device) if device.type == "cuda" else f
     directions = {
         "t2v": (S, t2v, dev_feats.sentence, None, dev_feats.frames, dev_feats.frame_mask),

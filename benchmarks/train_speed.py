@@ -44,8 +44,9 @@ from synthetic import write_synthetic_cache  # noqa: E402
 
 from diffret.generator import trainer  # noqa: E402
 from diffret.generator.config import GeneratorConfig  # noqa: E402
+from diffret.generator.device import resolve_device  # noqa: E402
 from diffret.generator.features import SplitFeatures  # noqa: E402
-from diffret.generator.schedule import NoiseSchedule, ScheduleConfig  # noqa: E402
+from diffret.generator.schedule import NoiseSchedule  # noqa: E402
 
 GIB = 2**30
 
@@ -160,7 +161,7 @@ def measure_baseline(args, device: torch.device) -> dict:
     cfg = GeneratorConfig(batch_size=B, candidates=args.candidates, device=str(device), seed=args.seed)
     total = args.baseline_warmup + args.baseline_steps  # the original recipe's schedule over the timed run
     t2v, v2t, params, opt, ema = trainer.build_models(width, cfg, device, total_steps=total)
-    schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
+    schedule = NoiseSchedule(cfg.schedule_config())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     # the batch's other B - n pairs (CPU: CLIP runs on n only), random features of the same shapes
@@ -280,7 +281,7 @@ def parse(argv=None):
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    device = trainer.resolve_device(args.device)
+    device = resolve_device(args.device)
     report = {
         "benchmark": "stage-two training speed", "device": str(device), "machine": machine(device),
         "date": dt.date.today().isoformat(), "command": "python benchmarks/train_speed.py " + " ".join(

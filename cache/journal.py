@@ -18,7 +18,7 @@ import shutil
 import signal
 from pathlib import Path
 
-from .manifest import atomic_write_text
+from .atomic import atomic_write_text
 
 PROGRESS_DIR = "progress"
 RUN_FILE = "run.json"

@@ -1,4 +1,4 @@
-"""File names and Parquet schemas of a cache directory, and atomic Parquet writes.
+"""File names and Parquet schemas of a cache directory, and Parquet writes (atomic: atomic.py).
 
     manifest.json                         (manifest.py)
     captions.parquet, videos.parquet      the row index: CAPTION_SCHEMA, VIDEO_SCHEMA
@@ -8,11 +8,12 @@
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .atomic import atomic_write
 
 CAPTIONS_FILE = "captions.parquet"
 VIDEOS_FILE = "videos.parquet"
@@ -30,27 +31,12 @@ VIDEO_SCHEMA = pa.schema(
 FAILURE_SCHEMA = pa.schema([("video_id", pa.string()), ("path", pa.string()), ("reason", pa.string())])
 
 
-def temp_name(path: Path) -> Path:
-    """The hidden temporary name a file is written under before its atomic rename."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def is_temp_name(name: str) -> bool:
-    return name.startswith(".") and ".tmp" in name
-
-
 def write_table(path: Path, rows: list[dict], schema: pa.Schema) -> None:
     """Write `rows` (dicts with the schema's columns) as Parquet, atomically."""
     path = Path(path)
     cols = {name: [r[name] for r in rows] for name in schema.names}
     table = pa.Table.from_pydict(cols, schema=schema)
-    tmp = temp_name(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_failures(root: Path, rows: list[tuple[str, str, str]]) -> Path:

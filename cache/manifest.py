@@ -2,15 +2,16 @@
 
 `manifest.json` is the cache's table of contents and its proof of origin. Consumers read it
 first and refuse a cache whose schema version, width or stage-1 fingerprint does not fit.
-It is replaced atomically (temporary name, then rename), so a reader never sees half of one.
+It is replaced atomically (atomic.py), so a reader never sees half of one.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .atomic import atomic_write_text
 
 SCHEMA_VERSION = 2  # 2: model.activation, wti_padding (the fidelity round)
 MANIFEST_NAME = "manifest.json"
@@ -63,21 +64,6 @@ class Manifest:
         d["shards"] = [ShardRecord(**s) for s in d.get("shards", [])]
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:  # out of space or killed half-way: never leave the temporary behind
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_manifest(root: Path, manifest: Manifest) -> Path:

@@ -15,6 +15,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .atomic import atomic_write
+
 TEXT_FIELDS = ("sentence", "words", "word_mask", "word_logits")
 VIDEO_FIELDS = ("frames", "frame_mask", "frame_logits")
 FIELDS = {"text": TEXT_FIELDS, "video": VIDEO_FIELDS}
@@ -41,8 +43,8 @@ def write_shard(path: Path, kind: str, arrays: dict[str, np.ndarray], float_dtyp
     if len(rows) != 1:
         raise ValueError(f"{kind} shard fields have different row counts: {sorted(rows)}")
     n = rows.pop()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["kind"] = kind
             f.attrs["rows"] = n
@@ -50,20 +52,9 @@ def write_shard(path: Path, kind: str, arrays: dict[str, np.ndarray], float_dtyp
                 a = np.ascontiguousarray(arrays[name], dtype=field_dtype(name, float_dtype))
                 chunks = (max(1, min(n, ROW_CHUNK)),) + a.shape[1:] if n else None
                 f.create_dataset(name, data=a, chunks=chunks, track_times=False)  # same rows, same bytes
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)
     return n
-
-
-def read_shard(path: Path, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """Read whole datasets of one shard into memory (as stored: float16 / uint8)."""
-    with h5py.File(path, "r") as f:
-        names = names or tuple(f.keys())
-        return {n: f[n][...] for n in names}
 
 
 def _raw_chunks(ds: h5py.Dataset, dest: np.ndarray) -> list[tuple[int, int]] | None:
@@ -112,9 +103,3 @@ def read_shard_into(path: Path, out: dict[str, np.ndarray], start: int) -> int:
                         raise OSError(f"{path}: unexpected end of file reading {name}")
                     view, offset = view[got:], offset + got
         return int(rows or 0)
-
-
-def shard_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Shape and dtype of each dataset, without reading data."""
-    with h5py.File(path, "r") as f:
-        return {n: (tuple(f[n].shape), str(f[n].dtype)) for n in f.keys()}

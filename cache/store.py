@@ -1,6 +1,6 @@
 """Writing and reading a whole cache: shards + Parquet index + manifest.
 
-On disk (see CACHE.md):
+On disk (see docs/cache.md):
 
     manifest.json                 schema version, widths, model fingerprint, config, shards
     captions.parquet              caption_id, video_id, caption, split, shard, row, n_words

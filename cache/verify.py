@@ -46,7 +46,7 @@ def _read_index(root: Path, name: str, schema) -> list[dict]:
     return table.select(schema.names).to_pylist()
 
 
-def _check_shard(root: Path, m: Manifest, rec, progress=None) -> dict[str, np.ndarray]:
+def _check_shard(root: Path, m: Manifest, rec) -> dict[str, np.ndarray]:
     """Check one shard; returns its mask dataset's valid-slot counts {mask name: [rows] int}."""
     import h5py
 

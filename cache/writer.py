@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import is_temp_name
 from .journal import Journal, fault_point
-from .layout import (
-    CAPTION_SCHEMA, CAPTIONS_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, is_temp_name, write_failures, write_table,
-)
+from .layout import CAPTION_SCHEMA, CAPTIONS_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, write_failures, write_table
 from .manifest import CacheError, Manifest, ShardRecord, sha256_file, write_manifest
 from .shards import FIELDS, shard_name, write_shard
 

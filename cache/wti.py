@@ -19,8 +19,11 @@ Padded pairs (a padded word or a padded frame slot) inside the maxima, by `paddi
   all valid cosines of a word (frame) are negative.
 * "exclude": a padded pair never wins a max (the maxima run over valid partners only).
 
-`wti_similarity` is the differentiable formula (training). `WTIGallery` / `wti_similarity_chunked`
-compute the same numbers for evaluation without building the [Nt, Nv, L, F] tensor:
+`wti_reduce` is the formula's one copy (padding rule, maxima, weighted sums): every path computes
+its cosines its own way and hands them to it. `wti_similarity` is the differentiable full matrix
+(training); generator/candidates.py `paired_wti` scores paired candidates (training candidates,
+mined negatives); `WTIGallery` / `wti_similarity_chunked` compute the same numbers for evaluation
+without building the [Nt, Nv, L, F] tensor:
 
 * one matrix product per block. "zero": words [rows, D] x frames [D, cols] with every padded
   token a zero vector, so a padded pair's product is exactly 0; the maxima of the members that
@@ -36,11 +39,10 @@ compute the same numbers for evaluation without building the [Nt, Nv, L, F] tens
 """
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 import torch.nn.functional as F
+
+from .blocks import run_blocks
 
 NEG = -1e4  # stands in for -inf where a masked entry must lose a max
 WTI_PADDINGS = ("zero", "exclude")  # a padded pair inside the maxima: counts as 0 (the original) | never wins
@@ -62,6 +64,48 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1).nan_to_num(0.0)
 
 
+def wti_reduce(cos: torch.Tensor, a: torch.Tensor, b: torch.Tensor, word_mask=None, frame_mask=None,
+               padding: str = "zero", word_floor=None, frame_floor=None, word_dim: int = -2,
+               frame_dim: int = -1, matmul: bool = False) -> torch.Tensor:
+    """The formula's one copy: cosines of every (word, frame) pair -> S, (t2v + v2t) / 2.
+
+    cos [..., L, F]: the words along `word_dim`, the frames along `frame_dim` (the blocked gallery's
+    [t, L, F, v] passes 1 and 2), the other axes pair caption(s) with video(s). The other tensors
+    broadcast against cos with size 1 on the axis they lack: word weights a and word_mask (bool,
+    True = valid) [..., L, 1], frame weights b and frame_mask [..., 1, F]; word_floor against the
+    maxima over the words [..., 1, F], frame_floor against those over the frames [..., L, 1] (or a
+    float). -> S [...]: cos's shape without the two axes, float32.
+
+    With masks, `padding` applies to them: "zero" sets a padded pair to 0, "exclude" keeps it out
+    of the maxima (NEG). Without masks the padding is already in the cosines (the blocked gallery's
+    zeroed tokens / folded mask coordinates); `word_floor` / `frame_floor` then clamp each max over
+    the words (of a frame) / over the frames (of a word) from below, the 0 of the padded slots a
+    trimmed block left out ("zero", see `_floor`).
+
+    `matmul` (the blocked layout [t, L, F, v] only) sums over the words as one batched product
+    [t, 1, L] x [t, L, v] instead of elementwise: the same sum in another rounding order, kept so
+    that each path's scores keep their bits (the training paths' elementwise, the gallery's matmul).
+    """
+    if word_mask is None:
+        over_frames = over_words = cos
+    elif padding == "zero":  # the original: cos x word mask x frame mask, then the maxima over all slots
+        over_frames = over_words = cos.masked_fill(~(word_mask & frame_mask), 0.0)
+    else:
+        over_frames, over_words = cos.masked_fill(~frame_mask, NEG), cos.masked_fill(~word_mask, NEG)
+    best_frame = over_frames.amax(frame_dim, keepdim=True).float()  # max_j cos(w_i, f_j)  [..., L, 1]
+    best_word = over_words.amax(word_dim, keepdim=True).float()  # max_i cos(w_i, f_j)     [..., 1, F]
+    if frame_floor is not None:
+        best_frame.clamp_(min=frame_floor)
+    if word_floor is not None:
+        best_word.clamp_(min=word_floor)
+    if matmul:  # [t, 1, L] x [t, L, v] -> [t, 1, 1, v]
+        t2v = torch.bmm(a.flatten(1)[:, None, :], best_frame.flatten(2)).unsqueeze(1)
+    else:
+        t2v = (best_frame * a).sum(word_dim, keepdim=True)  # sum_i a_i max_j
+    v2t = (best_word * b).sum(frame_dim, keepdim=True)  # sum_j b_j max_i
+    return ((t2v + v2t) / 2).squeeze((word_dim, frame_dim))
+
+
 def wti_similarity(
     words: torch.Tensor,  # [Nt, L, D]
     word_mask: torch.Tensor,  # [Nt, L] bool
@@ -80,52 +124,8 @@ def wti_similarity(
     a = masked_softmax(word_logits, word_mask)  # [Nt, L]
     b = masked_softmax(frame_logits, frame_mask)  # [Nv, F]
     cos = torch.einsum("tld,vfd->tvlf", words, frames)  # [Nt, Nv, L, F]
-    fmask = frame_mask[None, :, None, :].bool()
-    wmask = word_mask[:, None, :, None].bool()
-    if padding == "zero":  # the original: cos x word mask x frame mask, then the maxima over all slots
-        z = cos.masked_fill(~(wmask & fmask), 0.0)
-        best_frame, best_word = z.amax(dim=3), z.amax(dim=2)  # [Nt, Nv, L], [Nt, Nv, F]
-    else:
-        best_frame = cos.masked_fill(~fmask, NEG).amax(dim=3)  # [Nt, Nv, L]
-        best_word = cos.masked_fill(~wmask, NEG).amax(dim=2)  # [Nt, Nv, F]
-    t2v = (best_frame * a[:, None, :]).sum(-1)
-    v2t = (best_word * b[None, :, :]).sum(-1)
-    return (t2v + v2t) / 2
-
-
-def run_blocks(fn, tasks: list, device="cpu", workers: int | None = None) -> None:
-    """fn(task) for every task; on the CPU spread over `workers` Python threads (default: torch's
-    thread count) whose torch ops run single-threaded, pulling tasks as they finish.
-
-    Independent blocks on independent threads never wait for each other, while one op split over
-    OpenMP threads ends at a barrier: on a CPU shared with other jobs, a descheduled partner makes
-    every barrier wait a time slice (measured 5-10x slower at load 6 on 2 cores). Results do not
-    depend on the split. torch's thread setting is restored afterwards.
-    """
-    n = torch.get_num_threads() if workers is None else workers
-    if torch.device(device).type != "cpu" or n <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            fn(t)
-        return
-    pending, lock = iter(tasks), threading.Lock()
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def worker():
-        torch.set_num_threads(1)
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            while True:
-                with lock:
-                    t = next(pending, None)
-                if t is None:
-                    return
-                fn(t)
-
-    try:
-        with ThreadPoolExecutor(n) as pool:
-            for f in [pool.submit(worker) for _ in range(min(n, len(tasks)))]:
-                f.result()
-    finally:
-        torch.set_num_threads(n)
+    return wti_reduce(cos, a[:, None, :, None], b[None, :, None, :], word_mask[:, None, :, None].bool(),
+                      frame_mask[None, :, None, :].bool(), padding)
 
 
 def _extent(mask: torch.Tensor) -> torch.Tensor:
@@ -134,15 +134,17 @@ def _extent(mask: torch.Tensor) -> torch.Tensor:
     return (mask * pos).amax(1) if mask.shape[1] else torch.zeros(len(mask), dtype=torch.long)
 
 
-def _floor(padded: torch.Tensor, device):
+def _floor(padded: torch.Tensor, device, trailing: int = 0):
     """[n] bool (the member has a padded slot) -> what its maxima are clamped at under "zero":
-    None (no member padded: nothing to clamp), 0.0 (all padded), else [n] float on `device` (0 or -inf)."""
+    None (no member padded: nothing to clamp), 0.0 (all padded), else [n] + [1] * trailing float on
+    `device` (0 or -inf), shaped to broadcast against the maxima (`wti_reduce`'s floors)."""
     padded = padded.cpu()
     if not bool(padded.any()):
         return None
     if bool(padded.all()):
         return 0.0
-    return torch.zeros(padded.shape).masked_fill_(~padded, float("-inf")).to(device)
+    floor = torch.zeros(padded.shape).masked_fill_(~padded, float("-inf")).to(device)
+    return floor.view(-1, *[1] * trailing)
 
 
 class WTIGallery:
@@ -193,22 +195,14 @@ class WTIGallery:
     @staticmethod
     def _score(w: torch.Tensor, a: torch.Tensor, fx: torch.Tensor, bt: torch.Tensor, w_floor=None,
                f_floor=None) -> torch.Tensor:
-        """w [t, l, D(+2)] prepared words, a [t, l] weights, one video block -> S [t, v].
+        """w [t, l, D(+2)] prepared words, a [t, l, 1, 1] weights, one video block -> S [t, v].
 
-        w_floor / f_floor ("zero" only, see `_floor`): per caption [t] / per video [v], the value
-        each max over its words / frames is clamped at (0 where it has a padded slot)."""
+        w_floor / f_floor ("zero" only, see `_floor`): per caption [t, 1, 1, 1] / per video [v], the
+        value each max over its words / frames is clamped at (0 where it has a padded slot)."""
         t, l, _ = w.shape
         f, v = bt.shape
         cos = (w.reshape(t * l, -1) @ fx).view(t, l, f, v)
-        best_frame = cos.amax(2).float()  # [t, l, v]
-        best_word = cos.amax(1).float()  # [t, f, v]
-        if f_floor is not None:
-            best_frame.clamp_(min=f_floor)
-        if w_floor is not None:
-            best_word.clamp_(min=w_floor if isinstance(w_floor, float) else w_floor[:, None, None])
-        t2v = torch.bmm(a[:, None, :], best_frame).squeeze(1)  # sum_i a_i max_j   [t, v]
-        v2t = (best_word * bt).sum(1)  # sum_j b_j max_i                            [t, v]
-        return (t2v + v2t) / 2
+        return wti_reduce(cos, a, bt, word_floor=w_floor, frame_floor=f_floor, word_dim=1, frame_dim=2, matmul=True)
 
     def blocks(self, words, word_mask, word_logits, block: int | None = None, chunk: int | None = None):
         """Yield (caption rows [b] int64, S [b, Nv] float32 on the device) over the captions, sorted
@@ -232,7 +226,7 @@ class WTIGallery:
             rows = order[b:b + block]
             out = torch.empty(len(rows), self.n, dtype=torch.float32, device=self.device)
             with torch.no_grad():  # not across the yield: grad mode is the caller's between blocks
-                chunks = []  # (first row in the block, prepared words [t, l, D(+2)], weights [t, l], floor)
+                chunks = []  # (first row in the block, prepared words [t, l, D(+2)], weights [t, l, 1, 1], floor)
                 for s in range(0, len(rows), chunk):
                     idx = rows[s:s + chunk]
                     l = max(1, int(ext[idx].max()))
@@ -240,12 +234,12 @@ class WTIGallery:
                     x = F.normalize(wo[idx, :l].to(self.device, dtype=torch.float32), dim=-1).to(self.dtype)
                     if self.padding == "zero":
                         x = x.masked_fill_(~m[..., None], 0.0)
-                        floor = _floor(~wm[idx].all(1), self.device)  # a padded slot among the L
+                        floor = _floor(~wm[idx].all(1), self.device, 3)  # a padded slot among the L
                     else:
                         bias = torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, NEG)
                         x = torch.cat([x, torch.ones_like(bias)[..., None], bias[..., None]], -1)
                         floor = None
-                    chunks.append((s, x, masked_softmax(wl[idx, :l].to(self.device), m), floor))
+                    chunks.append((s, x, masked_softmax(wl[idx, :l].to(self.device), m)[..., None, None], floor))
 
                 def one(video_block, out=out, chunks=chunks):
                     vrows, f, f_floor = video_block

@@ -7,18 +7,19 @@
                       scheduler, AMP scaler, RNG states, epochs done, loss history, activation;
                       `--resume` continues from it. Replaced each epoch; deleted when stage1.pt is written.
 
-Both are written under a temporary name and renamed, so a kill never leaves half a file.
+Both are written atomically (cache/atomic.py), so a kill never leaves half a file.
 "activation" ("quick_gelu" | "gelu") is the MLP activation the weights were written with; a
 rebuild uses it, never what the model name and tag would choose now (`recorded_activation`).
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from diffret.cache.atomic import atomic_open
 
 from .backbone import ACTIVATIONS, activation_of, build_clip, clip_mean_std, image_size, name_activation
 from .config import ExtractConfig
@@ -57,21 +58,6 @@ def build_stage1(cfg: ExtractConfig, activation: str | None = None) -> tuple[Sta
     return model, frame_spec(clip, cfg)
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _load(path: Path) -> dict:
     try:  # mmap: reading the config of a large checkpoint does not read its tensors
         obj = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -84,8 +70,9 @@ def _load(path: Path) -> dict:
 
 def save_stage1(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str, history: list | None = None) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_save({"config": cfg.to_dict(), "fingerprint": fp, "activation": activation_of(model),
-                 "history": list(history or []), "state_dict": state}, path)
+    with atomic_open(path) as fh:
+        torch.save({"config": cfg.to_dict(), "fingerprint": fp, "activation": activation_of(model),
+                    "history": list(history or []), "state_dict": state}, fh)
 
 
 def recorded_activation(ckpt: dict, where: str | Path) -> str:
@@ -187,11 +174,12 @@ def set_rng_state(state: dict) -> None:
 
 def save_train_state(path: Path, model, optimizer, scheduler, scaler, epochs_done: int, history: list,
                      cfg: ExtractConfig) -> None:
-    atomic_save({
-        "config": cfg.to_dict(), "epochs_done": epochs_done, "history": list(history),
-        "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "rng": rng_state(), "activation": activation_of(model),
-    }, path)
+    with atomic_open(path) as fh:
+        torch.save({
+            "config": cfg.to_dict(), "epochs_done": epochs_done, "history": list(history),
+            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(), "activation": activation_of(model),
+        }, fh)
 
 
 def read_train_state(path: Path) -> dict:

@@ -1,10 +1,18 @@
-"""Stage-1 extraction configuration: one dataclass, written into the cache manifest."""
+"""Stage-1 extraction configuration: one dataclass, written into the cache manifest.
+
+Each field's metadata is its `diffret extract` option (help, flag, choices, how the command line's
+text becomes the value; see pipeline/commands/options.py), so a default or a choice list is written
+once, here or beside what implements it.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
-from diffret.cache.wti import check_padding
+from diffret.cache.wti import WTI_PADDINGS, check_padding
+
+from .annotations import dataset_names
 
 # Frame and word slots per dataset when --frames / --words are not given (the original's
 # settings: the paragraph-retrieval sets of long videos use 64 frames and 64 words).
@@ -34,6 +42,26 @@ def default_end_second(dataset: str) -> int | None:
     return DATASET_END_SECOND.get(str(dataset).lower())
 
 
+def _by_dataset(table: dict) -> str:
+    """{"activitynet": 64, "didemo": 64} -> "64 for activitynet and didemo" (a default shown in --help)."""
+    groups: dict = {}
+    for name, value in table.items():
+        groups.setdefault(value, []).append(name)
+    return "; ".join(f"{value} for {' and '.join(names)}" for value, names in groups.items())
+
+
+def _parse_fps(text: str) -> float | None:
+    """--fps: a rate, or 'uniform' (None)."""
+    return None if text == "uniform" else float(text)
+
+
+def _parse_end_second(text: str) -> int | None:
+    """--end-second: a whole number, or 'none' (None)."""
+    if text.isdigit() or text.lower() == "none":
+        return int(text) if text.isdigit() else None
+    raise ValueError(f"--end-second: {text!r} is not a whole number or 'none'")
+
+
 def check_sampling(rule: str, target_fps: float | None, end_second: int | None) -> None:
     """ValueError (one line) unless `rule`, `target_fps` and `end_second` make a sampling rule."""
     if rule not in FRAME_RULES:
@@ -52,38 +80,71 @@ def check_sampling(rule: str, target_fps: float | None, end_second: int | None) 
 class ExtractConfig:
     """Everything that decides what `diffret extract` writes (defaults: the original recipe)."""
 
-    dataset: str = "msrvtt"
-    data_root: str = ""
-    video_dir: str | None = None  # where the videos are, if not where the loader looks by default
-    model: str = "ViT-B-32"
-    pretrained: str = "openai"  # open_clip tag, local checkpoint path, or "none"
-    frames: int = 12  # frame slots F
-    words: int = 32  # word slots L: [SOS] + up to L-2 tokens + [EOT]
-    target_fps: float | None = 1.0  # None: sample `frames` uniformly over the whole video
-    frame_rule: str = "original"  # original | exact (see FRAME_RULES, video.sample_frame_indices)
-    frame_padding: str = "zero-frame"  # zero-frame | zero-feature (see FRAME_PADDINGS)
-    end_second: int | None = None  # sample seconds 0..end_second only (DiDeMo: 31); None: the whole video
-    epochs: int = 5
-    batch_size: int = 128  # global batch (split evenly over the processes under torchrun)
-    lr: float = 1e-4  # new modules (temporal transformer, WTI head)
-    clip_lr_scale: float = 1e-3  # CLIP's learning rate = lr * clip_lr_scale
+    dataset: str = field(default="msrvtt", metadata={"help": (
+        f"Annotation format of --data-root: {', '.join(dataset_names()[:-1])}, or {dataset_names()[-1]} "
+        "(a CSV / JSONL file of video,caption,split for your own videos).")})
+    data_root: str = field(default="", metadata={
+        "required": True, "path": True, "parse": lambda p: str(Path(p).resolve()),
+        "help": "Dataset folder (for --dataset manifest: the manifest file, or its folder)."})
+    video_dir: str | None = field(default=None, metadata={  # None: where the loader looks by default
+        "show_default": "where --dataset looks by default",
+        "help": "Folder of the videos, relative to --data-root or absolute."})
+    model: str = field(default="ViT-B-32", metadata={"help": "open_clip model name (or `tiny`)."})
+    pretrained: str = field(default="openai", metadata={"help": "open_clip tag, local checkpoint path, or none."})
+    frames: int = field(default=DEFAULT_SLOTS[0], metadata={  # frame slots F
+        "default_from": ("dataset", lambda d: default_slots(d)[0]),
+        "show_default": f"{DEFAULT_SLOTS[0]}; {_by_dataset({d: s[0] for d, s in DATASET_SLOTS.items()})}",
+        "help": "Frame slots per video."})
+    words: int = field(default=DEFAULT_SLOTS[1], metadata={  # word slots L: [SOS] + up to L-2 tokens + [EOT]
+        "default_from": ("dataset", lambda d: default_slots(d)[1]),
+        "show_default": f"{DEFAULT_SLOTS[1]}; {_by_dataset({d: s[1] for d, s in DATASET_SLOTS.items()})}",
+        "help": "Word slots per caption ([SOS] + tokens + [EOT])."})
+    target_fps: float | None = field(default=1.0, metadata={  # None: `frames` spread over the whole video
+        "flag": "--fps", "parse": _parse_fps, "format": lambda v: "uniform" if v is None else f"{v:g}",
+        "help": "Sampling rate before subsampling; 'uniform' spreads --frames over the video."})
+    frame_rule: str = field(default="original", metadata={  # see video.sample_frame_indices
+        "choices": FRAME_RULES,
+        "help": "Which frames: the original's (integer frame rate, 29.97 -> 29; floor(linspace) subsampling) or "
+                "exact (the float rate, rounded)."})
+    frame_padding: str = field(default="zero-frame", metadata={
+        "choices": FRAME_PADDINGS, "metavar": "KIND",
+        "help": "Padded frame slots: the CLS feature of an all-zero normalised frame (zero-frame, the original) or "
+                "zeros (zero-feature)."})
+    end_second: int | None = field(default=None, metadata={  # sample seconds 0..end_second only; None: all
+        "default_from": ("dataset", default_end_second), "parse": _parse_end_second, "metavar": "N|none",
+        "show_default": f"{_by_dataset(DATASET_END_SECOND)}, else none",
+        "help": "Sample seconds 0..N of each video only (the original reads DiDeMo to second 31); 'none': all."})
+    epochs: int = field(default=5, metadata={"help": "Fine-tuning epochs (0: zero-shot dump)."})
+    batch_size: int = field(default=128, metadata={  # split evenly over the processes under torchrun
+        "help": "Global batch (split over the processes under torchrun)."})
+    lr: float = field(default=1e-4, metadata={  # temporal transformer, WTI head
+        "help": "Learning rate of the new modules."})
+    clip_lr_scale: float = field(default=1e-3, metadata={"help": "CLIP's lr = lr x this."})
     weight_decay: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
-    warmup: float = 0.1  # fraction of steps with linear warm-up, then cosine decay
-    grad_clip: float = 1.0
-    loss: str = "infonce"  # infonce | dsl (dual softmax, see model.dual_softmax_loss)
+    warmup: float = field(default=0.1, metadata={"help": "Fraction of the steps with linear warm-up (then cosine)."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
+    loss: str = field(default="infonce", metadata={  # see model.dual_softmax_loss
+        "choices": LOSSES, "help": "Training loss: symmetric InfoNCE, or the dual softmax loss (temperature 1000)."})
     dsl_temp: float = 1000.0
-    wti_padding: str = "zero"  # zero | exclude: a padded (word, frame) pair in the WTI maxima (cache/wti.py)
+    wti_padding: str = field(default="zero", metadata={  # a padded (word, frame) pair: see cache/wti.py
+        "choices": WTI_PADDINGS, "help": "A padded pair in the WTI maxima: counts as 0 (the original) or never wins."})
     temporal_layers: int = 4
-    workers: int = 2  # DataLoader decoding processes (per process under torchrun)
+    workers: int = field(default=2, metadata={"help": "Decoding processes (per process under torchrun)."})
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = True  # automatic mixed precision (GPU only)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    shard_rows: int = 4096
-    decode_timeout: float = 60.0  # seconds one video's decoding may take before it counts as failed
-    stage1: str | None = None  # dump with this existing stage-1 checkpoint, no fine-tuning
+    amp: bool = field(default=True, metadata={"help": "Mixed precision (GPU only)."})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "show_default": "off",
+        "help": "Recompute activations in backward: much less GPU memory, about a third slower."})
+    shard_rows: int = field(default=4096, metadata={"hidden": True, "help": "Rows per HDF5 shard."})
+    decode_timeout: float | None = field(default=60.0, metadata={  # None: decode in-process, unbounded
+        "help": "Seconds one video may take to decode before it is recorded as a failure."})
+    stage1: str | None = field(default=None, metadata={
+        "path": "file", "parse": str, "show_default": "fine-tune a new one",
+        "help": "Dump with this existing stage-1 checkpoint (a cache's stage1.pt), without fine-tuning; --model and "
+                "--pretrained are taken from it."})
 
     def __post_init__(self):
         if self.loss not in LOSSES:

@@ -16,10 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .video import FrameSpec, VideoDecodeError, read_frames
 
-DECODE_TIMEOUT = 60.0  # seconds one video's decoding may take before it counts as failed
-
-
-def _decode(path: Path, spec: FrameSpec, timeout: float | None = DECODE_TIMEOUT) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _decode(path: Path, spec: FrameSpec, timeout: float | None) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
         frames, mask = read_frames(path, spec, timeout=timeout)
         return frames, mask, ""
@@ -34,7 +31,7 @@ def _decode(path: Path, spec: FrameSpec, timeout: float | None = DECODE_TIMEOUT)
 class VideoClips(Dataset):
     """Item i = (frames uint8 [F, 3, S, S], mask bool [F], i, reason) for paths[i]."""
 
-    def __init__(self, paths: list[Path], spec: FrameSpec, timeout: float | None = DECODE_TIMEOUT):
+    def __init__(self, paths: list[Path], spec: FrameSpec, timeout: float | None):
         self.paths = list(paths)
         self.spec = spec
         self.timeout = timeout
@@ -84,8 +81,8 @@ def window_batches(n: int, window: int, batch_size: int, first_window: int = 0) 
     return out
 
 
-def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False,
-                 timeout: float | None = DECODE_TIMEOUT, batches: list[list[int]] | None = None):
+def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False, *,
+                 timeout: float | None, batches: list[list[int]] | None = None):
     """DataLoader over VideoClips; `workers` decoding processes, one decoding thread each.
     `batches` (lists of indices into `paths`) replaces batch_size / shuffle / drop_last."""
     g = torch.Generator().manual_seed(seed)

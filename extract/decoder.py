@@ -102,11 +102,11 @@ def _serve(requests: int, results: int) -> None:
         except _Closed:
             return
         try:
-            arr = _video._decode(Path(path), spec)
+            arr = _video.decode_uint8(Path(path), spec)
         except _video.VideoDecodeError as e:
             _write(results, ("err", e.reason))
         except BaseException as e:  # noqa: BLE001  (decoder bugs on odd files)
-            _write(results, ("err", f"{type(e).__name__}: {_video._first_line(e)}"))
+            _write(results, ("err", f"{type(e).__name__}: {_video.first_line(e)}"))
         else:
             _send_frames(results, arr)
 
@@ -187,5 +187,5 @@ def decode_bounded(path: Path, spec, timeout: float) -> np.ndarray:
     """The sampled frames of `path` as uint8 [k, H, W, 3], decoded by the helper process within
     `timeout` seconds; VideoDecodeError otherwise. Without fork (Windows), decodes in-process."""
     if not hasattr(os, "fork"):
-        return _video._decode(Path(path), spec)
+        return _video.decode_uint8(Path(path), spec)
     return _helper.decode(Path(path), spec, timeout)

@@ -25,7 +25,7 @@ from diffret.cache.layout import SHARD_DIR
 from diffret.cache.manifest import MANIFEST_NAME
 from diffret.cache.writer import CacheWriter
 
-from .data import DECODE_TIMEOUT, threads_beside_workers, video_loader, window_batches
+from .data import threads_beside_workers, video_loader, window_batches
 from .model import Stage1Model
 from .video import FrameSpec, normalize
 
@@ -58,8 +58,7 @@ def _resume_point(writer: CacheWriter, kind: str, split: str, ids: list[str]) ->
 @torch.no_grad()
 def dump_videos(
     model: Stage1Model, writer: CacheWriter, split: str, video_ids: list[str], paths: list, spec: FrameSpec,
-    device: torch.device, batch_size: int, workers: int, amp: bool, progress=None,
-    timeout: float | None = DECODE_TIMEOUT,
+    device: torch.device, batch_size: int, workers: int, amp: bool, progress=None, *, timeout: float | None,
 ) -> dict[str, str]:
     """Encode and write one split's videos (after the shards already finished); returns
     {video_id: reason} for every video of the split that failed, in this run or an earlier one."""

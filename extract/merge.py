@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from diffret.cache.atomic import atomic_write_text
 from diffret.cache.journal import Journal
 from diffret.cache.layout import (
     CAPTION_SCHEMA, CAPTIONS_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, read_failures, write_failures, write_table,
@@ -41,7 +42,7 @@ def prepare_parts(out: Path, world: int, resume: bool) -> None:
                          f"re-run with {before} or pass --overwrite to start over")
     if world > 1:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"world": world}) + "\n")
+        atomic_write_text(marker, json.dumps({"world": world}) + "\n")
 
 
 def _ranked(name: str, rank: int) -> str:

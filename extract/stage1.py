@@ -12,15 +12,13 @@ from diffret.cache.writer import CacheWriter
 
 from .annotations import load_annotations
 from .backbone import activation_of, get_tokenizer
-from .checkpoint import STAGE1_NAME, resolve_stage1_config
+from .checkpoint import resolve_stage1_config
 from .config import ExtractConfig, recipe_mismatch
 from .data import threads_beside_workers
 from .dump import check_output, dump_texts, dump_videos, start_output
 from .distributed import DistInfo, all_gather_objects, barrier, init_distributed, on_main, rank_slice
 from .finetune import stage1_model
 from .merge import merge_parts, part_dir, prepare_parts
-
-CHECKPOINT_NAME = STAGE1_NAME
 
 
 class ExtractError(RuntimeError):

@@ -123,7 +123,7 @@ def _original_indices(total: int, native_fps: float, n_frames: int, target_fps: 
     return [int(i) for i in cand]
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     """First line of an exception message without decord's "[hh:mm:ss] file.cc:123: " prefixes
     and "Check failed: <expression> (a vs. b)" noise, at most 200 characters."""
     text = str(e).strip().splitlines()
@@ -135,7 +135,7 @@ def _first_line(e: BaseException) -> str:
     return (line or type(e).__name__)[:200]
 
 
-def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
+def decode_uint8(path: Path, spec: FrameSpec) -> np.ndarray:
     """The sampled frames of `path` as uint8 [k, H, W, 3] (RGB), k <= spec.n_frames."""
     import decord  # imported lazily: decord is only needed where videos are decoded
 
@@ -146,7 +146,7 @@ def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
     try:
         vr = decord.VideoReader(str(path), num_threads=1)
     except Exception as e:  # decord raises plain RuntimeError/DECORDError
-        raise VideoDecodeError(path, f"cannot open: {_first_line(e)}") from None
+        raise VideoDecodeError(path, f"cannot open: {first_line(e)}") from None
     try:
         total, fps = len(vr), float(vr.get_avg_fps())
         if total < 1:
@@ -160,7 +160,7 @@ def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
             arr = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
             reason = None if _good_shape(arr, len(indices)) else f"unexpected decoded shape {tuple(arr.shape)}"
         except Exception as e:
-            reason = _first_line(e)
+            reason = first_line(e)
     finally:
         # Release the reader (and its decoder thread) now, even when raising: kept alive by an
         # exception's traceback in a DataLoader's parent process, it would be garbage-collected
@@ -169,7 +169,7 @@ def _decode(path: Path, spec: FrameSpec) -> np.ndarray:
     if reason is not None:
         # decord 0.6 fails on some frame widths (16, 24, 48, 72 px: "from_size == to_size",
         # dmlc/decord#336) and on some damaged streams; PyAV decodes those frames instead.
-        arr = _decode_pyav(path, indices)
+        arr = decode_pyav(path, indices)
         if arr is None or not _good_shape(arr, len(indices)):
             raise VideoDecodeError(path, f"cannot decode frames {indices[0]}..{indices[-1]} of {total}: {reason}")
     return arr
@@ -179,7 +179,7 @@ def _good_shape(arr: np.ndarray, k: int) -> bool:
     return arr.ndim == 4 and arr.shape[0] == k and arr.shape[-1] == 3 and arr.dtype == np.uint8 and 0 not in arr.shape
 
 
-def _decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
+def decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
     """Frames `indices` (sorted) of `path` as uint8 [k, H, W, 3] by sequential PyAV decoding;
     None if PyAV is missing, cannot decode the file, or the stream ends before the last index."""
     try:
@@ -245,7 +245,7 @@ def read_frames(path, spec: FrameSpec, timeout: float | None = None) -> tuple[to
 
         arr = decode_bounded(path, spec, timeout)
     else:
-        arr = _decode(path, spec)
+        arr = decode_uint8(path, spec)
     k = arr.shape[0]
     frames = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
     frames[:k] = resize_center_crop(torch.from_numpy(arr).permute(0, 3, 1, 2), spec.size)

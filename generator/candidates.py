@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from diffret.cache.wti import NEG, check_padding, masked_softmax
+from diffret.cache.wti import check_padding, masked_softmax, wti_reduce
+
+NEGATIVES = ("batch", "cache")  # GeneratorConfig.negatives: positive_first in the batch | mine_cache_negatives
 
 
 def same_video_mask(video_index: torch.Tensor) -> torch.Tensor:
@@ -33,7 +35,7 @@ def positive_first(sim: torch.Tensor, same: torch.Tensor, k: int) -> torch.Tenso
 
 
 def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits, padding: str = "zero") -> torch.Tensor:
-    """WTI of each row's caption(s) against its video(s): the cache's formula (cache/wti.py), paired.
+    """WTI of each row's caption(s) against its video(s): the cache's formula (cache/wti.py `wti_reduce`), paired.
 
     One side carries a candidate axis P: either words [B, L, D] (+ [B, L] mask/logits) against
     frames [B, P, F, D] (+ [B, P, F]), or words [B, P, L, D] against frames [B, F, D]. -> [B, P].
@@ -50,15 +52,8 @@ def paired_wti(words, word_mask, word_logits, frames, frame_mask, frame_logits, 
         wm, fm = word_mask, frame_mask[:, None]
     a = masked_softmax(word_logits, word_mask)
     b = masked_softmax(frame_logits, frame_mask)
-    a, b = (a[:, None] if a.dim() == 2 else a), (b[:, None] if b.dim() == 2 else b)
-    fm, wm = fm[:, :, None, :].bool(), wm[..., None].bool()  # [B, P|1, 1, F], [B, P|1, L, 1]
-    if padding == "zero":  # a padded pair counts as 0 (the original)
-        z = cos.masked_fill(~(wm & fm), 0.0)
-        best_frame, best_word = z.amax(3), z.amax(2)  # [B, P, L], [B, P, F]
-    else:
-        best_frame = cos.masked_fill(~fm, NEG).amax(3)  # [B, P, L]
-        best_word = cos.masked_fill(~wm, NEG).amax(2)  # [B, P, F]
-    return ((best_frame * a).sum(-1) + (best_word * b).sum(-1)) / 2
+    a, b = (a[:, None] if a.dim() == 2 else a), (b[:, None] if b.dim() == 2 else b)  # [B, P|1, L], [B, P|1, F]
+    return wti_reduce(cos, a[..., None], b[:, :, None, :], wm[..., None].bool(), fm[:, :, None, :].bool(), padding)
 
 
 def global_similarity(sentence: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffret.cache.atomic import atomic_open, atomic_write_text
+
 from .config import GeneratorConfig
 from .denoiser import T2VDenoiser, V2TDenoiser
+from .generator import Generator
 
 WEIGHTS_NAME = "generator.pt"
 META_NAME = "generator.json"
@@ -22,16 +25,13 @@ class GeneratorError(RuntimeError):
 def save_generator(out: Path, t2v: nn.Module, v2t: nn.Module, meta: dict) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    torch.save({"t2v": t2v.state_dict(), "v2t": v2t.state_dict(), "meta": meta}, tmp)
-    tmp.replace(out / WEIGHTS_NAME)
-    tmp = out / f".{META_NAME}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out / META_NAME)
+    with atomic_open(out / WEIGHTS_NAME) as fh:
+        torch.save({"t2v": t2v.state_dict(), "v2t": v2t.state_dict(), "meta": meta}, fh)
+    atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
 
 
-def load_generator(folder: Path, device="cpu") -> tuple[GeneratorConfig, T2VDenoiser, V2TDenoiser, dict]:
-    """-> (config, t2v, v2t, meta) with both denoisers in eval mode on `device`."""
+def load_generator(folder: Path, device="cpu") -> Generator:
+    """-> the Generator in `folder`, both denoisers in eval mode on `device`."""
     folder = Path(folder)
     path = folder / WEIGHTS_NAME
     if not path.is_file():
@@ -45,7 +45,7 @@ def load_generator(folder: Path, device="cpu") -> tuple[GeneratorConfig, T2VDeno
     t2v, v2t = T2VDenoiser(meta["width"], cfg.temp), V2TDenoiser(meta["width"], cfg.temp)
     t2v.load_state_dict(state["t2v"])
     v2t.load_state_dict(state["v2t"])
-    return cfg, t2v.to(device).eval(), v2t.to(device).eval(), meta
+    return Generator(cfg, t2v.to(device).eval(), v2t.to(device).eval(), meta)
 
 
 STATE_NAME = "train_state.pt"
@@ -53,10 +53,8 @@ STATE_NAME = "train_state.pt"
 
 def save_train_state(out: Path, state: dict) -> None:
     """Everything `train-generator --resume` needs (raw and EMA weights, optimizer, RNG, history)."""
-    out = Path(out)
-    tmp = out / f".{STATE_NAME}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out / STATE_NAME)
+    with atomic_open(Path(out) / STATE_NAME) as fh:
+        torch.save(state, fh)
 
 
 def load_train_state(folder: Path) -> dict:

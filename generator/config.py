@@ -1,30 +1,49 @@
-"""Stage-2 configuration: one dataclass, written into every generator run folder."""
+"""Stage-2 configuration: one dataclass, written into every generator run folder.
+
+Each field's metadata is its `diffret train-generator` option (help, flag, choices; see
+pipeline/commands/options.py); the choice lists live beside what implements them.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from .candidates import NEGATIVES
+from .losses import LOSS_KINDS, X0_KINDS
+from .schedule import SCHEDULE_KINDS, ScheduleConfig
+
+# original: BertAdam (betas 0.9/0.98, eps 1e-6, no bias correction), 10% warm-up then the original's
+# cosine over all steps, weight decay on non-bias weights, layers start N(0, 0.02) with zero bias;
+# modern: AdamW at a constant lr, PyTorch's default initialisation
+RECIPES = ("original", "modern")
 
 
 @dataclass
 class GeneratorConfig:
     """What `diffret train-generator` trains (defaults: the original method's)."""
 
-    steps: int = 50  # diffusion steps T
-    schedule: str = "cosine"  # cosine | linear
-    beta_scale: float = 1.0
-    loss: str = "ce"  # ce | mse | kl
-    x0: str = "onehot"  # onehot | pm1
-    candidates: int = 128  # K in training: the positive, then in-batch items by stage-1 similarity
-    negatives: str = "batch"  # batch: hardest in-batch items | cache: mined from the whole training split
+    train_steps: int = field(default=ScheduleConfig.train_steps,
+                             metadata={"flag": "--steps", "help": "Diffusion steps T."})
+    schedule: str = field(default=ScheduleConfig.kind, metadata={"choices": SCHEDULE_KINDS})
+    beta_scale: float = field(default=ScheduleConfig.beta_scale,
+                              metadata={"help": "Multiplies every beta (signal-to-noise ablation)."})
+    loss: str = field(default="ce", metadata={"choices": LOSS_KINDS, "help": "Generation loss on x0_hat: cross-entropy "
+                                              "of 100 x0_hat, MSE to x0, or KL to a smoothed target."})
+    x0: str = field(default="onehot", metadata={"choices": X0_KINDS,
+                                                "help": "x0 target: 1 on the positive and 0 elsewhere, or +1 / -1."})
+    # K in training: the positive, then in-batch items by stage-1 similarity
+    candidates: int = field(default=128, metadata={"help": "Candidates K per query in training."})
+    negatives: str = field(default="batch", metadata={"choices": NEGATIVES, "help": (
+        "Hard negatives from the batch (the original) or mined from the whole training cache.")})
     batch_size: int = 128
     epochs: int = 5
     lr: float = 1e-4
-    # original: BertAdam (betas 0.9/0.98, eps 1e-6, no bias correction), 10% warm-up then the original's
-    # cosine over all steps, weight decay on non-bias weights, layers start N(0, 0.02) with zero bias;
-    # modern: AdamW at a constant lr, PyTorch's default initialisation
-    recipe: str = "original"
+    recipe: str = field(default="original", metadata={"choices": RECIPES, "help": (
+        "original: BertAdam (betas 0.9/0.98, no bias correction), 10% warm-up then cosine, weight decay 0.2, layers "
+        "N(0, 0.02); modern: AdamW at a constant lr, no decay, PyTorch's default init.")})
     weight_decay: float | None = None  # None: the recipe's (original 0.2, modern 0)
     grad_clip: float = 1.0
-    ema: float = 0.99  # EMA decay of the weights; the EMA copy is what evaluation uses (0 = off)
+    # the EMA copy is what evaluation uses
+    ema: float = field(default=0.99, metadata={"help": "EMA decay of the saved weights (0: no EMA)."})
     temp: float = 1.0  # text-frame attention temperature inside the denoisers
     seed: int = 0
     device: str = "auto"
@@ -34,19 +53,24 @@ class GeneratorConfig:
 
     def validate(self) -> "GeneratorConfig":
         """Raise ValueError (one line) for a setting that cannot train; returns self."""
-        choices = {"schedule": ("cosine", "linear"), "loss": ("ce", "mse", "kl"), "x0": ("onehot", "pm1"),
-                   "negatives": ("batch", "cache"), "recipe": RECIPES}
-        for name, allowed in choices.items():
+        for name in ("schedule", "loss", "x0", "negatives", "recipe"):
+            allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("steps", "candidates", "batch_size"):
-            if getattr(self, name) < (2 if name != "steps" else 1):
-                raise ValueError(f"{name} must be at least {2 if name != 'steps' else 1}, got {getattr(self, name)}")
+        for name in ("train_steps", "candidates", "batch_size"):
+            least = 1 if name == "train_steps" else 2
+            if getattr(self, name) < least:
+                raise ValueError(f"{flag(name)} must be at least {least}, got {getattr(self, name)}")
         if self.epochs < 0 or not self.lr > 0 or not 0 <= self.ema < 1 or not self.beta_scale > 0:
             raise ValueError("epochs must be >= 0, lr > 0, beta_scale > 0 and ema in [0, 1)")
         if self.weight_decay is not None and not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         return self
+
+    def schedule_config(self) -> ScheduleConfig:
+        """The noise schedule this generator trains and samples with: the one place a schedule is
+        built from a config."""
+        return ScheduleConfig(kind=self.schedule, train_steps=self.train_steps, beta_scale=self.beta_scale)
 
     def decay(self) -> float:
         """The weight decay used: `weight_decay`, or the recipe's when None."""
@@ -56,13 +80,21 @@ class GeneratorConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GeneratorConfig":
-        """Tolerates fields written by older or newer versions (unknown keys are dropped). A config
-        without `recipe` was written before the field existed, when training was the modern recipe."""
-        d = {"recipe": "modern", **d}
+        """Tolerates fields written by older or newer versions (unknown keys are dropped, RENAMED keys
+        mapped). A config without `recipe` was written before the field existed, when training was
+        the modern recipe."""
+        d = {"recipe": "modern", **{RENAMED.get(k, k): v for k, v in d.items()}}
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-RECIPES = ("original", "modern")
+def flag(name: str) -> str:
+    """The command-line name of field `name` (its flag without dashes, else the field's name):
+    messages name what the user typed."""
+    return GeneratorConfig.__dataclass_fields__[name].metadata.get("flag", name).lstrip("-")
+
+
+# Keys of configs written before a field was renamed -> the field (generator.json, train_state.pt).
+RENAMED = {"steps": "train_steps"}
 
 # Settings that `train-generator --resume` may change; every other one must match the saved run.
 RESUMABLE = ("epochs", "lr", "device", "grad_clip")

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["one_hot_x0", "generation_loss", "LOSS_KINDS"]
+__all__ = ["one_hot_x0", "generation_loss", "LOSS_KINDS", "X0_KINDS"]
 
 LOSS_KINDS = ("ce", "mse", "kl")
+X0_KINDS = ("onehot", "pm1")  # one_hot_x0 variants
 
 
 def one_hot_x0(K: int, B: int, variant: str = "onehot", device=None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -25,7 +26,7 @@ def one_hot_x0(K: int, B: int, variant: str = "onehot", device=None, dtype: torc
     elif variant == "pm1":
         x0 = torch.full((B, K), -1.0, device=device, dtype=dtype)
     else:
-        raise ValueError(f"unknown x0 variant {variant!r}; expected 'onehot' or 'pm1'")
+        raise ValueError(f"unknown x0 variant {variant!r}; expected {' or '.join(map(repr, X0_KINDS))}")
     x0[:, 0] = 1.0
     return x0
 

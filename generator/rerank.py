@@ -19,7 +19,7 @@ so a step costs a softmax over [sub, K], the pooled head input (w @ (candidates 
 precomputed per block, when K <= 2 x steps; else (w @ candidates) M^T) and the decoder's
 [sub, K, 2D] add-ReLU-dot, with no allocation of that size. On the CPU the blocks
 (PREP_ROWS query-candidate rows: gather, `prepare`, then its sub-chunks) are spread over
-single-threaded worker threads (`diffret.cache.wti.run_blocks`), so no op waits at an OpenMP
+single-threaded worker threads (`diffret.cache.blocks.run_blocks`), so no op waits at an OpenMP
 barrier. DDPM (and DDIM with eta > 0) draws noise at every step: there a chunk runs as one block,
 on one thread, so the draws come in the sampler's order. Results never depend on the blocking.
 
@@ -33,7 +33,7 @@ import threading
 
 import torch
 
-from diffret.cache.wti import run_blocks
+from diffret.cache.blocks import run_blocks
 
 from .denoiser import T2VDenoiser, V2TDenoiser
 from .sampler import DDIMSampler

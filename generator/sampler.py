@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .schedule import NoiseSchedule
 
-__all__ = ["leading_timesteps", "DDIMSampler", "DDPMSampler", "DDIM_EPS", "make_sampler"]
+__all__ = ["leading_timesteps", "DDIMSampler", "DDPMSampler", "DDIM_EPS", "SAMPLERS", "make_sampler"]
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -189,6 +189,7 @@ class DDPMSampler(_Sampler):
         return mean
 
 
+SAMPLERS = ("ddim", "ddpm")  # make_sampler names: DDIMSampler | DDPMSampler
 DDIM_EPS = ("clamped", "raw")  # epsilon from the clamped x0 (guided-diffusion, the original) | the raw one (diffusers)
 
 
@@ -213,4 +214,4 @@ def make_sampler(
         if eta != 0.0:
             raise ValueError("eta is a DDIM parameter; DDPM sampling has no eta")
         return DDPMSampler(schedule, num_inference_steps, clip_sample=clip_sample)
-    raise ValueError(f"unknown sampler {name!r}; expected 'ddim' or 'ddpm'")
+    raise ValueError(f"unknown sampler {name!r}; expected {' or '.join(map(repr, SAMPLERS))}")

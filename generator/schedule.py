@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ScheduleConfig", "NoiseSchedule", "cosine_betas", "linear_betas", "MAX_BETA"]
+__all__ = ["ScheduleConfig", "NoiseSchedule", "cosine_betas", "linear_betas", "MAX_BETA", "SCHEDULE_KINDS"]
 
 MAX_BETA = 0.999
-_KINDS = ("cosine", "linear")
+SCHEDULE_KINDS = ("cosine", "linear")  # ScheduleConfig.kind: cosine_betas | linear_betas
 
 
 @dataclass
@@ -24,12 +24,12 @@ class ScheduleConfig:
     """Configuration of a :class:`NoiseSchedule`.
 
     kind: "cosine" (improved-DDPM, diffusers' "squaredcos_cap_v2") or "linear" (DDPM, rescaled to T).
-    steps: number of training timesteps T; timesteps are 0..T-1.
+    train_steps: number of training timesteps T; timesteps are 0..T-1.
     beta_scale: multiplies every beta (signal-to-noise ablation); the result is clipped to <= 0.999.
     """
 
     kind: str = "cosine"
-    steps: int = 50
+    train_steps: int = 50
     beta_scale: float = 1.0
 
 
@@ -60,19 +60,19 @@ class NoiseSchedule:
     """
 
     def __init__(self, config: ScheduleConfig | None = None, **overrides):
-        """``NoiseSchedule(ScheduleConfig(...))`` or ``NoiseSchedule(kind=..., steps=..., beta_scale=...)``."""
+        """``NoiseSchedule(ScheduleConfig(...))`` or ``NoiseSchedule(kind=..., train_steps=..., beta_scale=...)``."""
         if config is None:
             config = ScheduleConfig(**overrides)
         elif overrides:
             raise TypeError("pass either a ScheduleConfig or keyword overrides, not both")
-        if config.kind not in _KINDS:
-            raise ValueError(f"unknown noise schedule kind {config.kind!r}; expected one of {_KINDS}")
-        if int(config.steps) < 1:
-            raise ValueError(f"schedule steps must be >= 1, got {config.steps}")
+        if config.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown noise schedule kind {config.kind!r}; expected one of {SCHEDULE_KINDS}")
+        if int(config.train_steps) < 1:
+            raise ValueError(f"schedule steps must be >= 1, got {config.train_steps}")
         if not config.beta_scale > 0:
             raise ValueError(f"beta_scale must be > 0, got {config.beta_scale}")
         self.config = config
-        steps = int(config.steps)
+        steps = int(config.train_steps)
 
         betas = cosine_betas(steps) if config.kind == "cosine" else linear_betas(steps)
         betas = (betas * float(config.beta_scale)).clamp(max=MAX_BETA)
@@ -93,7 +93,7 @@ class NoiseSchedule:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"NoiseSchedule(kind={c.kind!r}, steps={c.steps}, beta_scale={c.beta_scale})"
+        return f"NoiseSchedule(kind={c.kind!r}, train_steps={c.train_steps}, beta_scale={c.beta_scale})"
 
     def alpha_bar(self, t: int) -> float:
         """alpha_bar_t as a Python float (float64 precision); t in [0, T-1]."""

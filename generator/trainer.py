@@ -16,6 +16,10 @@ N(0, 0.02) with zero biases. `recipe="modern"`: AdamW at a constant lr, PyTorch'
 After every epoch the run folder gets `generator.pt`/`generator.json` (the EMA weights, what
 `evaluate` reads) and `train_state.pt` (what `--resume` continues from), each written atomically.
 A non-finite loss or gradient stops training with an error; the last epoch's files stay intact.
+
+One concept despite its length (a little over 300 lines): the flat training loop and the
+per-batch pieces it calls (candidates, the paired denoising, the loss, the optimiser), kept
+together so the loop reads top to bottom as nanoGPT's does.
 """
 from __future__ import annotations
 
@@ -36,23 +40,16 @@ from diffret.cache.wti import wti_similarity
 from .bert_adam import BertAdam, decay_groups
 from .candidates import mine_cache_negatives, positive_first, same_video_mask, usable_candidates
 from .checkpoint import GeneratorError, load_train_state, save_generator, save_train_state
-from .config import RESUMABLE, GeneratorConfig
+from .config import RESUMABLE, GeneratorConfig, flag
 from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters, original_init_
+from .device import resolve_device
 from .features import SplitFeatures, load_split
 from .losses import generation_loss, one_hot_x0
-from .schedule import NoiseSchedule, ScheduleConfig
+from .schedule import NoiseSchedule
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (one-line message)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible")
-    return torch.device(name)
 
 
 def batch_candidates(f: SplitFeatures, rows: torch.Tensor, k: int, pools=None):
@@ -211,8 +208,8 @@ def resume_config(out: Path, overrides: dict) -> GeneratorConfig:
     saved = GeneratorConfig.from_dict(load_train_state(out)["config"])
     for name, value in overrides.items():
         if name not in RESUMABLE and getattr(saved, name) != value:
-            raise TrainingError(f"--resume cannot change {name} ({getattr(saved, name)!r} -> {value!r}); "
-                                f"only {', '.join(RESUMABLE)} may change")
+            raise TrainingError(f"--resume cannot change {flag(name)} ({getattr(saved, name)!r} -> "
+                                f"{value!r}); only {', '.join(RESUMABLE)} may change")
     return GeneratorConfig.from_dict({**saved.to_dict(), **{k: overrides[k] for k in overrides if k in RESUMABLE}})
 
 
@@ -251,7 +248,7 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     steps_per_epoch = max(1, n // batch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)  # the original recipe's schedule runs over all epochs
     t2v, v2t, params, opt, ema = build_models(width, cfg, device, total_steps)
-    schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
+    schedule = NoiseSchedule(cfg.schedule_config())
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     history, start, spent = [], 0, 0.0
     if state is not None:

@@ -10,12 +10,16 @@ without downloading anything.  Retrieval needs both appearance and temporal
 order: "X moves left, then Y appears" and "Y appears, then X moves left" are
 different videos.  ``shifted=True`` gives an out-of-domain variant with unseen
 backgrounds and new phrasings over the same attribute vocabulary.
+
+One concept despite its length (about 330 lines): the demo set's vocabulary, its captions and the
+rendering of its clips are one generator of paired data, changed together.
 """
 from __future__ import annotations
 
 import csv
 import json
 import multiprocessing as mp
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -269,20 +273,34 @@ def write_annotations(out: Path, videos: list[dict], sentences: list[dict], test
         writer.writerows(test_rows)
 
 
-def make_demo_dataset(out, n_train=1000, n_test=200, seed=0, shifted=False, size=64, fps=8, seconds=3.0,
-                      workers=2, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write the synthetic dataset under ``out`` and return a summary dict (also saved as ``demo.json``)."""
-    out = Path(out)
+@dataclass
+class DemoConfig:
+    """What the demo set holds; the metadata of a field is its `diffret demo-data` option."""
+
+    n_train: int = field(default=1000, metadata={"flag": "--train", "help": "Training videos."})
+    n_test: int = field(default=200, metadata={"flag": "--test", "help": "Test videos (one caption each)."})
+    seed: int = 0
+    shifted: bool = field(default=False, metadata={"help": "Out-of-domain variant: unseen backgrounds, new phrasings."})
+    size: int = 64  # frame side in pixels (even: yuv420p)
+    fps: int = 8
+    seconds: float = 3.0
+    workers: int = 2  # rendering processes
+
+
+def make_demo_dataset(out, progress: Callable[[int, int], None] | None = None, **settings) -> dict:
+    """Write the synthetic dataset under ``out`` (``settings``: DemoConfig's fields) and return a
+    summary dict (also saved as ``demo.json``)."""
+    out, c = Path(out), DemoConfig(**settings)
     (out / "videos").mkdir(parents=True, exist_ok=True)
-    if size % 2:
+    if c.size % 2:
         raise ValueError("size must be even (yuv420p)")
-    seed, shifted = int(seed), bool(shifted)
-    n_frames = max(1, int(round(fps * seconds)))
+    seed, shifted = int(c.seed), bool(c.shifted)
+    n_frames = max(1, int(round(c.fps * c.seconds)))
     attr_rng, text_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1 + shifted])
     words = WORDS[shifted]
     videos, sentences, test_rows, jobs = [], [], [], []
-    for i in range(n_train + n_test):
-        split, vid = ("train" if i < n_train else "test"), f"video{i}"
+    for i in range(c.n_train + c.n_test):
+        split, vid = ("train" if i < c.n_train else "test"), f"video{i}"
         attrs = sample_attributes(attr_rng)
         captions = paraphrases(attrs, TRAIN_CAPTIONS if split == "train" else 1, words, text_rng)
         videos.append({"video_id": vid, "id": i, "split": split, "category": 0, "attributes": attrs})
@@ -291,21 +309,21 @@ def make_demo_dataset(out, n_train=1000, n_test=200, seed=0, shifted=False, size
         if split == "test":
             test_rows.append({"key": f"ret{len(test_rows)}", "vid_key": f"msr{i}", "video_id": vid,
                               "sentence": captions[0]})
-        jobs.append({"index": i, "path": str(out / "videos" / f"{vid}.mp4"), "attrs": attrs, "size": size,
-                     "frames": n_frames, "fps": fps, "shifted": shifted, "seed": [seed, 2, int(shifted), i]})
+        jobs.append({"index": i, "path": str(out / "videos" / f"{vid}.mp4"), "attrs": attrs, "size": c.size,
+                     "frames": n_frames, "fps": c.fps, "shifted": shifted, "seed": [seed, 2, int(shifted), i]})
     write_annotations(out, videos, sentences, test_rows)
 
     # Always rendered in fresh processes: in a process that has imported open_clip (its imports
     # load other native libraries first), the same frames encode to other bytes.
     total = len(jobs)
-    with mp.get_context("spawn").Pool(max(1, min(workers or 1, total))) as pool:
+    with mp.get_context("spawn").Pool(max(1, min(c.workers or 1, total))) as pool:
         for done, _ in enumerate(pool.imap_unordered(render_video, jobs, chunksize=8), 1):
             if progress:
                 progress(done, total)
 
-    summary = {"root": str(out), "train_videos": n_train, "test_videos": n_test, "captions": len(sentences),
+    summary = {"root": str(out), "train_videos": c.n_train, "test_videos": c.n_test, "captions": len(sentences),
                "seed": seed, "shifted": shifted}
-    params = {"size": size, "fps": fps, "seconds": seconds, "frames": n_frames, "codec": "libx264",
+    params = {"size": c.size, "fps": c.fps, "seconds": c.seconds, "frames": n_frames, "codec": "libx264",
               "pix_fmt": "yuv420p", "train_captions_per_video": TRAIN_CAPTIONS,
               "distinct_test_captions": len({r["sentence"] for r in test_rows}),
               "vocabulary": {"shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES),

@@ -16,48 +16,77 @@ videos; videos without a test caption are distractors for t2v and are not v2t qu
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffret.cache.atomic import atomic_open
 from diffret.cache.manifest import CacheError, check_compatible
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity_chunked
 from diffret.generator.checkpoint import load_generator
+from diffret.generator.device import resolve_device
 from diffret.generator.features import SplitFeatures, load_split
+from diffret.generator.generator import Generator
 from diffret.generator.rerank import rerank
-from diffret.generator.sampler import make_sampler
-from diffret.generator.schedule import NoiseSchedule, ScheduleConfig
-from diffret.generator.trainer import resolve_device
+from diffret.generator.sampler import DDIM_EPS, SAMPLERS
 
 from .metrics import retrieval_metrics
 from .revisers import dual_softmax, qb_norm, query_bank
 from .streaming import DEFAULT_MEMORY_BUDGET, check_streamable, in_memory_bytes, streamed_metrics
 
 
+def _parse_top_k(text: str) -> int | None:
+    """--top-k: a positive number, or 'all' (None)."""
+    if text.lower() == "all":
+        return None
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"--top-k must be a positive number or 'all', got {text!r}")
+
+
+def _gib_to_bytes(gib: float) -> int:
+    """--memory-budget: GiB -> bytes."""
+    budget = int(gib * 2**30)
+    if not gib > 0:
+        raise ValueError(f"--memory-budget must be a positive number of GiB, got {gib}")
+    return budget
+
+
 @dataclass
 class EvalOptions:
-    """What `diffret evaluate` does besides reading the cache (defaults: the original's inference)."""
+    """What `diffret evaluate` does besides reading the cache (defaults: the original's inference).
+    Each field's metadata is its option (see pipeline/commands/options.py)."""
 
-    steps: int | None = None  # sampling steps S (strided), None = the generator's T
-    sampler: str = "ddim"  # ddim | ddpm
-    clamp: bool = True  # clamp x0 to [-1, 1] at every step
-    ddim_eps: str = "clamped"  # DDIM's epsilon from the clamped x0 (the original's guided-diffusion) | raw (diffusers)
-    top_k: int | None = 32  # candidates re-ranked per query; None = the whole gallery
-    alpha: float = 1.0
-    temp: float = 1.0
-    dsl: bool = False
-    dsl_temp: float = 1.0
-    qb_norm: bool = False
-    qb_beta: float = 20.0
-    qb_k: int = 1
+    sample_steps: int | None = field(default=None, metadata={  # sampling steps S, None = the generator's T
+        "flag": ("--steps", "--sample-steps"), "show_default": "the generator's T",
+        "help": "Sampling steps S (strided, <= the generator's T)."})
+    sampler: str = field(default="ddim", metadata={"choices": SAMPLERS})
+    clamp: bool = field(default=True, metadata={"help": "Clamp x0 to [-1, 1] at every step."})
+    ddim_eps: str = field(default="clamped", metadata={
+        "choices": DDIM_EPS, "help": "DDIM re-derives epsilon from the clamped x0 (the original's guided-diffusion) "
+                                     "or the raw one (diffusers' default)."})
+    top_k: int | None = field(default=32, metadata={  # None = the whole gallery
+        "parse": _parse_top_k, "format": lambda k: "all" if k is None else str(k),
+        "help": "Candidates re-ranked per query, or 'all'."})
+    alpha: float = field(default=1.0, metadata={"help": "Weight of the generated distribution."})
+    temp: float = field(default=1.0, metadata={"help": "Softmax temperature on x0."})
+    dsl: bool = field(default=False, metadata={"help": "Add the row `dsl`: Dual Softmax on the stage-1 scores."})
+    dsl_temp: float = field(default=1.0, metadata={"help": "Dual Softmax temperature (on logit-scaled scores)."})
+    qb_norm: bool = field(default=False, metadata={
+        "help": "Add the row `qbnorm`: QB-Norm on the stage-1 scores, bank = train split."})
+    qb_beta: float = field(default=20.0, metadata={"help": "QB-Norm inverse temperature."})
+    qb_k: int = field(default=1, metadata={"help": "QB-Norm activation set: top-k of each bank query."})
     split: str = "test"
     device: str = "auto"
     seed: int = 0
-    allow_other_cache: bool = False  # accept a cache from another stage-1 model (same width)
-    memory_budget: int | None = None  # bytes of score matrices held in memory; past it, stream (None: 2 GiB)
+    allow_other_cache: bool = field(default=False, metadata={  # a cache from another stage-1 model (same width)
+        "help": "Evaluate on a cache of another stage-1 model (the width must still match)."})
+    memory_budget: int | None = field(default=None, metadata={  # bytes held in memory before streaming (None: 2 GiB)
+        "type": float, "parse": _gib_to_bytes, "format": lambda b: (b or DEFAULT_MEMORY_BUDGET) / 2**30,
+        "help": "GiB of score matrices held at once; a larger test set is evaluated in streamed blocks."})
 
 
 @dataclass
@@ -93,10 +122,6 @@ def check_generator_cache(meta: dict, reader: CacheReader, cache_dir, generator_
             raise CacheError(f"{e} (or pass --allow-other-cache)") from None
 
 
-# t2v [Nt, Nv], v2t [Nv, Nt], caption_video [Nt] -> {"t2v", "v2t", "Rsum"} by the multi-caption protocol
-protocol_metrics = retrieval_metrics
-
-
 def ground_truth(caption_video: torch.Tensor, n_videos: int) -> tuple[np.ndarray, np.ndarray]:
     """-> t2v_gt [Nt] (the right video column per caption row) and v2t_gt: [Nv] when every video has
     exactly one caption, else [Nv, C] (its caption columns, padded with -1). v2t_gt's rows are the
@@ -125,10 +150,8 @@ def save_sims(path: Path, matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]
               "video_id": np.array(f.video_id, dtype=str)}
     for row, (a, b) in matrices.items():
         arrays[f"{row}_t2v"], arrays[f"{row}_v2t"] = a.float().numpy(), b.float().numpy()
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path) as fh:
         np.savez(fh, **arrays)
-    tmp.replace(path)
 
 
 def _bank_blocks(reader: CacheReader, f: SplitFeatures, direction: str, device, chunk: int = 1024):
@@ -178,29 +201,26 @@ def revised_rows(data: EvalData, opts: EvalOptions, device) -> tuple[dict, dict]
     return out, reviser_info(opts, scale, banks)
 
 
-def eval_sampler(cfg, opts: EvalOptions):
-    if opts.steps is not None and opts.steps > cfg.steps:
-        raise ValueError(f"--steps {opts.steps} is more than the generator's {cfg.steps} diffusion steps")
-    schedule = NoiseSchedule(ScheduleConfig(kind=cfg.schedule, steps=cfg.steps, beta_scale=cfg.beta_scale))
-    return make_sampler(opts.sampler, schedule, opts.steps, clip_sample=opts.clamp, ddim_eps=opts.ddim_eps)
+def eval_sampler(gen: Generator, opts: EvalOptions):
+    """The generator's sampler as `opts` asks for it (sampler, S steps, clamp, DDIM's epsilon)."""
+    return gen.sampler(opts.sampler, opts.sample_steps, clamp=opts.clamp, ddim_eps=opts.ddim_eps)
 
 
-def diffusion_row(data: EvalData, cfg, t2v, v2t, opts: EvalOptions, device, progress=None):
-    """-> (t2v scores [Nt, Nv], v2t scores [Nv, Nt], sampler) re-ranked by the generator."""
-    smp = eval_sampler(cfg, opts)
+def diffusion_row(data: EvalData, gen: Generator, smp, opts: EvalOptions, device, progress=None):
+    """-> (t2v scores [Nt, Nv], v2t scores [Nv, Nt]) re-ranked by the generator with sampler `smp`."""
     f, S = data.features, data.scores
     common = dict(sampler=smp, top_k=opts.top_k, alpha=opts.alpha, temp=opts.temp, seed=opts.seed, device=device,
                   progress=progress)
-    s_t2v = rerank(S, t2v, f.sentence, None, f.frames, f.frame_mask, **common)
-    s_v2t = rerank(S.t().contiguous(), v2t, f.frames, f.frame_mask, f.sentence, None, **common)
-    return s_t2v, s_v2t, smp
+    s_t2v = rerank(S, gen.t2v, f.sentence, None, f.frames, f.frame_mask, **common)
+    s_v2t = rerank(S.t().contiguous(), gen.v2t, f.frames, f.frame_mask, f.sentence, None, **common)
+    return s_t2v, s_v2t
 
 
 def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | None = None, progress=None,
-             save_sims_to: Path | None = None, log=print, **overrides) -> dict:
+             save_sims_to: Path | None = None, **overrides) -> dict:
     """-> {"n_queries", "n_candidates", "top_k", "steps", "results": {row: metrics}, ...}.
 
-    `overrides` set EvalOptions fields (evaluate(cache, gen, steps=10, top_k=5)). Without a
+    `overrides` set EvalOptions fields (evaluate(cache, gen, sample_steps=10, top_k=5)). Without a
     generator only the stage-1 row and the revisers are reported.
     """
     t0 = time.time()
@@ -209,10 +229,11 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
         raise ValueError(f"--top-k must be >= 1 or 'all', got {opts.top_k}")
     dev = resolve_device(opts.device)
     reader = CacheReader(cache_dir)
-    gen = None
+    gen = smp = None
     if generator_dir is not None:
         gen = load_generator(generator_dir, dev)
-        check_generator_cache(gen[3], reader, cache_dir, generator_dir, opts.allow_other_cache)
+        check_generator_cache(gen.meta, reader, cache_dir, generator_dir, opts.allow_other_cache)
+        smp = eval_sampler(gen, opts)
     budget = opts.memory_budget or DEFAULT_MEMORY_BUDGET
     counts = reader.manifest.splits.get(opts.split) or {}
     nt, nv = int(counts.get("captions", 0)), int(counts.get("videos", 0))
@@ -231,20 +252,16 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
         f, S = data.features, data.scores
     report = {"cache": str(cache_dir), "generator": str(generator_dir) if generator_dir else None,
               "split": opts.split, "n_queries": len(f.caption_id), "n_candidates": len(f.video_id)}
-    matrices, smp = {}, None
+    matrices = {}
     if data is not None:
         matrices["discriminative"] = (S, S.t())
     if gen is not None:
-        cfg, t2v, v2t, meta = gen
         if data is not None:
-            s_t2v, s_v2t, smp = diffusion_row(data, cfg, t2v, v2t, opts, dev, progress)
-            matrices["diffusion"] = (s_t2v, s_v2t)
-        else:
-            smp = eval_sampler(cfg, opts)
-        trained_on = meta.get("cache", {})
+            matrices["diffusion"] = diffusion_row(data, gen, smp, opts, dev, progress)
+        cfg, trained_on = gen.config, gen.meta.get("cache", {})
         report.update({
             "top_k": "all" if opts.top_k is None or opts.top_k >= len(f.video_id) else opts.top_k,
-            "steps": smp.num_inference_steps, "train_steps": cfg.steps, "schedule": cfg.schedule,
+            "steps": smp.num_inference_steps, "train_steps": cfg.train_steps, "schedule": cfg.schedule,
             "sampler": opts.sampler, "clamp": opts.clamp, "alpha": opts.alpha, "temp": opts.temp,
             **({"ddim_eps": opts.ddim_eps} if opts.sampler == "ddim" else {}),
             "generator_cache": trained_on.get("path"),
@@ -254,7 +271,7 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
         revised, info = revised_rows(data, opts, dev)
         matrices.update(revised)
         report.update(info)
-        report["results"] = {row: protocol_metrics(a, b, f.caption_video) for row, (a, b) in matrices.items()}
+        report["results"] = {row: retrieval_metrics(a, b, f.caption_video) for row, (a, b) in matrices.items()}
     else:
         scale = float(reader.manifest.logit_scale)
         banks = query_banks(reader, f, opts, dev) if opts.qb_norm else None

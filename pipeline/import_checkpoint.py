@@ -16,11 +16,13 @@ fingerprint, so it evaluates on caches dumped with that stage-1 checkpoint witho
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from diffret.cache.manifest import SCHEMA_VERSION
+from diffret.extract.config import DEFAULT_SLOTS, ExtractConfig
 from diffret.generator.checkpoint import save_generator
 from diffret.generator.config import GeneratorConfig
 from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser, count_parameters
@@ -29,6 +31,19 @@ from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser, count_parameter
 KNOWN_MODELS = {(768, 32): "ViT-B-32-quickgelu", (768, 16): "ViT-B-16-quickgelu", (1024, 14): "ViT-L-14-quickgelu"}
 OPENAI_EXTRAS = ("clip.input_resolution", "clip.context_length", "clip.vocab_size")  # JIT metadata, not weights
 PE_KEYS = ("sequence_pos_encoder.pe", "embed_timestep.sequence_pos_encoder.pe")
+
+
+@dataclass
+class ImportOptions:
+    """What the stage-1 part of a released checkpoint does not say about itself. Each field's
+    metadata is its `diffret import-checkpoint` option (see pipeline/commands/options.py)."""
+
+    model: str = field(default="auto", metadata={"help": (  # auto: infer_model
+        "open_clip name of the CLIP inside; auto: "
+        f"{'/'.join(m.removesuffix('-quickgelu') for m in KNOWN_MODELS.values())} (QuickGELU) from the shapes.")})
+    frames: int = field(default=DEFAULT_SLOTS[0], metadata={"help": "Frame slots (64 for ActivityNet)."})
+    words: int = field(default=DEFAULT_SLOTS[1], metadata={"help": "Word slots (64 for ActivityNet)."})
+    dataset: str = field(default=ExtractConfig.dataset, metadata={"help": "Annotation format recorded in stage1.pt."})
 
 
 class ImportCheckpointError(ValueError):
@@ -117,7 +132,6 @@ def build_stage1_checkpoint(stage1: dict[str, torch.Tensor], model: str, frames:
     """Load the mapped weights into our Stage1Model and write `out` (stage1.pt) -> (fingerprint, model)."""
     from diffret.extract.backbone import BackboneError
     from diffret.extract.checkpoint import CheckpointError, build_stage1, save_stage1
-    from diffret.extract.config import ExtractConfig
     from diffret.extract.model import fingerprint
 
     name = infer_model(stage1) if model == "auto" else model
@@ -158,24 +172,26 @@ def build_stage1_checkpoint(stage1: dict[str, torch.Tensor], model: str, frames:
     return fp, name
 
 
-def import_checkpoint(path: Path, out: Path, model: str = "auto", frames: int = 12, words: int = 32,
-                      dataset: str = "msrvtt", steps: int = 50, schedule: str = "cosine", log=print) -> dict:
-    """Write `out/stage1.pt` and `out/generator/` from the original checkpoint `path` -> summary."""
-    out = Path(out)
+def import_checkpoint(path: Path, out: Path, opts: ImportOptions | None = None,
+                      generator: GeneratorConfig | None = None) -> dict:
+    """Write `out/stage1.pt` and `out/generator/` from the original checkpoint `path` -> summary;
+    `generator` says how the denoisers were trained (its train_steps and schedule matter)."""
+    out, opts = Path(out), opts or ImportOptions()
     parts = split_state_dict(read_state_dict(path))
     if not parts["stage1"] and not parts["t2v"] and not parts["v2t"]:
         raise ImportCheckpointError(f"{path} holds none of the DiffusionRet keys (clip.*, diffusion_model.*, ...)")
     summary: dict = {"source": str(path), "out": str(out), "ignored": parts["ignored"], "stage1": None,
                      "generator": None, "fingerprint": None}
     if parts["stage1"]:
-        fp, name = build_stage1_checkpoint(parts["stage1"], model, frames, words, dataset, out / "stage1.pt")
+        fp, name = build_stage1_checkpoint(parts["stage1"], opts.model, opts.frames, opts.words, opts.dataset,
+                                           out / "stage1.pt")
         summary.update(stage1=str(out / "stage1.pt"), fingerprint=fp, model=name)
     if parts["t2v"] or parts["v2t"]:
         t2v = denoiser_from_state(parts["t2v"], T2VDenoiser, "diffusion_model")
         v2t = denoiser_from_state(parts["v2t"], V2TDenoiser, "diffusion_model_v")
         if t2v.width != v2t.width:
             raise ImportCheckpointError(f"the two denoisers have widths {t2v.width} and {v2t.width}")
-        cfg = GeneratorConfig(steps=steps, schedule=schedule, epochs=0).validate()
+        cfg = replace(generator or GeneratorConfig(), epochs=0).validate()
         meta = {"config": cfg.to_dict(), "width": t2v.width,
                 "parameters": {"t2v": count_parameters(t2v), "v2t": count_parameters(v2t)},
                 "cache": {"path": None, "fingerprint": summary["fingerprint"], "schema_version": SCHEMA_VERSION,

@@ -16,6 +16,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+RECALL_AT = (1, 5, 10)  # R@K reported (percent); Rsum is their sum over both directions
+METRICS = tuple(f"R@{k}" for k in RECALL_AT) + ("MdR", "MnR")  # one direction's metrics, in report order
+
 
 def check_no_nan(scores: torch.Tensor) -> None:
     """ValueError (one line) if `scores` holds a NaN: it compares neither above nor below anything,
@@ -63,21 +66,17 @@ def v2t_ranks(scores: torch.Tensor, caption_video: torch.Tensor, chunk: int = 40
 
 
 def recall_metrics(r: torch.Tensor) -> dict[str, float]:
-    """ranks [N] -> {"R@1", "R@5", "R@10" (percent), "MdR", "MnR"}."""
+    """ranks [N] -> {"R@1", "R@5", "R@10" (percent), "MdR", "MnR"} (the keys of METRICS, in order)."""
     r = np.asarray(torch.as_tensor(r).cpu(), dtype=np.float64)
-    return {
-        "R@1": float(100 * np.mean(r <= 1)),
-        "R@5": float(100 * np.mean(r <= 5)),
-        "R@10": float(100 * np.mean(r <= 10)),
-        "MdR": float(np.median(r)),
-        "MnR": float(np.mean(r)),
-    }
+    out = {f"R@{k}": float(100 * np.mean(r <= k)) for k in RECALL_AT}
+    out.update(MdR=float(np.median(r)), MnR=float(np.mean(r)))
+    return out
 
 
 def both_directions(t2v_ranks: torch.Tensor, v2t_ranks: torch.Tensor) -> dict:
     """ranks of both directions -> {"t2v": {...}, "v2t": {...}, "Rsum": R@1 + R@5 + R@10 of both}."""
     t2v, v2t = recall_metrics(t2v_ranks), recall_metrics(v2t_ranks)
-    return {"t2v": t2v, "v2t": v2t, "Rsum": sum(d[k] for d in (t2v, v2t) for k in ("R@1", "R@5", "R@10"))}
+    return {"t2v": t2v, "v2t": v2t, "Rsum": sum(d[f"R@{k}"] for d in (t2v, v2t) for k in RECALL_AT)}
 
 
 def retrieval_metrics(t2v_scores: torch.Tensor, v2t_scores: torch.Tensor, caption_video: torch.Tensor) -> dict:

@@ -116,9 +116,10 @@ def streamed_metrics(f, opts, device, gen=None, smp=None, banks=None, logit_scal
                      progress=None) -> tuple[dict, dict]:
     """-> ({row: {"t2v", "v2t", "Rsum"}}, info) for f: SplitFeatures, as `evaluate` reports them.
 
-    gen: (cfg, t2v, v2t, meta) or None; smp: its sampler; banks: {"t2v", "v2t"} QueryBanks (QB-Norm)
-    or None. block: captions per block (None: from `budget`). max_blocks: stop each pass after that
-    many blocks (memory measurements only: the metrics are then those of a partial pass).
+    gen: the Generator (its denoisers re-score) or None; smp: its sampler; banks: {"t2v", "v2t"}
+    QueryBanks (QB-Norm) or None. block: captions per block (None: from `budget`). max_blocks: stop
+    each pass after that many blocks (memory measurements only: the metrics are then those of a
+    partial pass).
     """
     nt, nv = len(f.caption_id), len(f.video_id)
     cv = f.caption_video.long()
@@ -190,7 +191,7 @@ def streamed_metrics(f, opts, device, gen=None, smp=None, banks=None, logit_scal
         theta["qbnorm"] = own_max(torch.where(apply[cv], banks["v2t"].beta * gt.double() - lse_t, gt.double()).float())
 
     if gen is not None:  # re-score every query's top K; pass 2 counts on the re-scored entries
-        cfg, m_t2v, m_v2t, _ = gen
+        m_t2v, m_v2t = gen.t2v, gen.v2t
         common = dict(alpha=opts.alpha, temp=opts.temp, seed=opts.seed, device=device, progress=progress)
         t_bonus, v_bonus = torch.zeros_like(t_vals), torch.zeros_like(v_vals)
         if max_blocks is not None:  # partial pass (memory measurement): generate for the rows seen, no metrics

@@ -17,24 +17,47 @@ from dataclasses import asdict, dataclass, field, replace
 from itertools import product
 from pathlib import Path
 
+from diffret.cache.atomic import atomic_open, atomic_write, atomic_write_text
 from diffret.generator.checkpoint import load_generator
 from diffret.generator.config import GeneratorConfig
-from diffret.generator.trainer import resolve_device, train_generator
+from diffret.generator.device import resolve_device
+from diffret.generator.losses import LOSS_KINDS
+from diffret.generator.sampler import SAMPLERS
+from diffret.generator.trainer import train_generator
 
-from .evaluate import EvalOptions, diffusion_row, load_eval_data, protocol_metrics
+from .evaluate import EvalOptions, diffusion_row, eval_sampler, load_eval_data
+from .metrics import METRICS, retrieval_metrics
 
-METRICS = ("R@1", "R@5", "R@10", "MdR", "MnR")
+
+def _ints(text: str) -> list[int]:
+    """Comma-separated integers -> a list ("10,50" -> [10, 50])."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    """Comma-separated names -> a list ("cosine, linear" -> ["cosine", "linear"])."""
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _axis(default: list, parse, about: str | None = None):
+    """A grid axis: a list, given on the command line comma-separated."""
+    return field(default_factory=lambda: list(default),
+                 metadata={"parse": parse, "format": lambda v: ",".join(map(str, v)), "help": about})
 
 
 @dataclass
 class SweepGrid:
-    """The axes of the grid (the paper's ablations): every combination is one run."""
+    """The axes of the grid (the paper's ablations): every combination is one run. Each field's
+    metadata is its `diffret sweep` option (see pipeline/commands/options.py)."""
 
-    steps: list[int] = field(default_factory=lambda: [10, 50, 100, 1000])
-    schedules: list[str] = field(default_factory=lambda: ["cosine", "linear"])
-    losses: list[str] = field(default_factory=lambda: ["ce"])
-    samplers: list[str] = field(default_factory=lambda: ["ddim"])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: list[int] = _axis([10, 50, 100, 1000], _ints, "Diffusion steps T to try.")
+    schedules: list[str] = _axis(["cosine", "linear"], _names)
+    losses: list[str] = _axis(["ce"], _names, f"Any of {','.join(LOSS_KINDS)}.")
+    samplers: list[str] = _axis(["ddim"], _names, f"Any of {','.join(SAMPLERS)}.")
+    seeds: list[int] = _axis([0], _ints)
 
     def runs(self) -> list[tuple[str, int, str, int]]:
         """(schedule, steps, loss, seed) of every generator to train."""
@@ -66,19 +89,19 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
         if s < 1:
             raise ValueError(f"--steps values must be >= 1, got {s}")
     for name in grid.samplers:
-        if name not in ("ddim", "ddpm"):
-            raise ValueError(f"unknown sampler {name!r}; expected ddim or ddpm")
+        if name not in SAMPLERS:
+            raise ValueError(f"unknown sampler {name!r}; expected {' or '.join(SAMPLERS)}")
     for (schedule, steps, loss, seed) in grid.runs():  # fail on a bad value before any training
-        replace(base, schedule=schedule, steps=steps, loss=loss, seed=seed).validate()
+        replace(base, schedule=schedule, train_steps=steps, loss=loss, seed=seed).validate()
     dev = resolve_device(opts.device)
     data = load_eval_data(cache_dir, opts.split, dev)
     S, cv = data.scores, data.features.caption_video
-    disc = protocol_metrics(S, S.t(), cv)
+    disc = retrieval_metrics(S, S.t(), cv)
     rows = []
     runs = grid.runs()
     task = progress.add_task("sweep", total=len(runs)) if progress else None
     for i, (schedule, steps, loss, seed) in enumerate(runs):
-        cfg = replace(base, schedule=schedule, steps=steps, loss=loss, seed=seed)
+        cfg = replace(base, schedule=schedule, train_steps=steps, loss=loss, seed=seed)
         folder = out / "generators" / f"{schedule}-T{steps}-{loss}-s{seed}"
         t1 = time.time()
         if _finished(folder, cfg):
@@ -86,13 +109,13 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
         else:
             train_generator(cache_dir, folder, cfg, progress=progress, log=log)
         train_s = time.time() - t1
-        gcfg, t2v, v2t, _ = load_generator(folder, dev)
+        gen = load_generator(folder, dev)
         for sampler in grid.samplers:
             t1 = time.time()
-            o = replace(opts, sampler=sampler, steps=None, seed=seed)
-            s_t2v, s_v2t, _ = diffusion_row(data, gcfg, t2v, v2t, o, dev)
+            o = replace(opts, sampler=sampler, sample_steps=None, seed=seed)
+            s_t2v, s_v2t = diffusion_row(data, gen, eval_sampler(gen, o), o, dev)
             rows.append({"schedule": schedule, "steps": steps, "loss": loss, "sampler": sampler, "seed": seed,
-                         **flat(protocol_metrics(s_t2v, s_v2t, cv)), "train_s": round(train_s, 1),
+                         **flat(retrieval_metrics(s_t2v, s_v2t, cv)), "train_s": round(train_s, 1),
                          "eval_s": round(time.time() - t1, 1)})
         if progress:
             progress.update(task, completed=i + 1)
@@ -105,9 +128,7 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
                        "ddim_eps": opts.ddim_eps, "split": opts.split, "sample_steps": "all T"},
               "discriminative": flat(disc), "rows": rows, "files": files, "seconds": round(time.time() - t0, 1)}
     write_csv(Path(files["csv"]), report)
-    tmp = out / ".sweep.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(files["json"])
+    atomic_write_text(Path(files["json"]), json.dumps(report, indent=2) + "\n")
     plot(Path(files["png"]), report)
     return report
 
@@ -115,14 +136,12 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
 def write_csv(path: Path, report: dict) -> None:
     """One line per (run, sampler); the first line is the stage-1 row (schedule `discriminative`)."""
     keys = ["schedule", "steps", "loss", "sampler", "seed"] + list(report["discriminative"]) + ["train_s", "eval_s"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys, restval="")
         w.writeheader()
         w.writerow({"schedule": "discriminative", **report["discriminative"]})
         for row in report["rows"]:
             w.writerow(row)
-    tmp.replace(path)
 
 
 def plot(path: Path, report: dict) -> None:
@@ -151,7 +170,5 @@ def plot(path: Path, report: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
-    tmp.replace(path)

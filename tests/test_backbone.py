@@ -8,6 +8,7 @@ from diffret.extract.backbone import BackboneError, activation_of, build_clip, g
 from diffret.extract.model import Stage1Model
 
 
+@pytest.mark.slow
 def test_vit_b32_from_a_local_checkpoint(tmp_path):
     """A randomly initialised ViT-B-32 saved to disk comes back through --pretrained PATH."""
     torch.manual_seed(123)

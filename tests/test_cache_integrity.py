@@ -1,5 +1,5 @@
 """A cache you can trust: verify / info, refusing mismatches, resumable and out-of-space-safe
-writing, and the h5py + pyarrow reader of CACHE.md (no extraction here: synthetic caches)."""
+writing, and the h5py + pyarrow reader of docs/cache.md (no extraction here: synthetic caches)."""
 from __future__ import annotations
 
 import errno
@@ -301,14 +301,14 @@ def test_no_permission_is_one_clear_error(tmp_path, monkeypatch):
         write(tmp_path / "d")
 
 
-# --------------------------------------------------------------------------- CACHE.md
+# --------------------------------------------------------------------------- docs/cache.md
 
 
 def test_cache_md_snippet_reads_a_cache_without_diffret(tmp_path):
-    code = re.search(r"```python\n(.*?)```", (ROOT / "CACHE.md").read_text(), re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "cache.md").read_text(), re.S).group(1)
     assert "diffret" not in code
     ns: dict = {}
-    exec(compile(code, "CACHE.md", "exec"), ns)
+    exec(compile(code, "docs/cache.md", "exec"), ns)
     write(tmp_path / "c", n=8)
     r = CacheReader(tmp_path / "c")
     for split in ("train", "test"):

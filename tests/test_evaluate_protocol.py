@@ -11,8 +11,8 @@ from conftest import read_json, run_cli
 from synthetic_cache import synthetic_cache
 
 from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
-from diffret.pipeline.evaluate import ground_truth, protocol_metrics
-from diffret.pipeline.metrics import recall_metrics, v2t_ranks
+from diffret.pipeline.evaluate import ground_truth
+from diffret.pipeline.metrics import recall_metrics, retrieval_metrics, v2t_ranks
 from diffret.pipeline.revisers import dual_softmax
 
 FP = "synthetic0000000"
@@ -38,7 +38,7 @@ def test_multi_caption_protocol_by_hand():
                         [0.9, 0.9, 0.9, 0.9]])  # v2: no caption, no v2t query
     # The old protocol (a video found at the best rank of its captions among all captions) gave v1
     # 1 + |{0.9, 0.8}| = 3: both captions of v0 above, where the field's counts v0 once.
-    m = protocol_metrics(t2v, v2t, cv)
+    m = retrieval_metrics(t2v, v2t, cv)
     assert m["t2v"]["MnR"] == pytest.approx(6 / 4) and m["t2v"]["R@1"] == pytest.approx(50.0)
     assert m["v2t"]["MnR"] == 1.5 and m["v2t"]["R@1"] == 50.0  # ranks (1, 2); video 2 is no v2t query
     t2v_gt, v2t_gt = ground_truth(cv, 3)
@@ -61,6 +61,7 @@ def v2t_ranks_from_file(v2t: np.ndarray, v2t_gt: np.ndarray) -> np.ndarray:
     return np.array([(m[q] >= m[q, q]).sum() for q in queries])
 
 
+@pytest.mark.slow
 def test_all_rows_saved_sims_reproduce_the_metrics(multi, tmp_path):
     cache, gen = multi
     out, sims = tmp_path / "m.json", tmp_path / "s.npz"
@@ -114,6 +115,7 @@ def test_shared_gallery_context_equals_the_gathered_one():
     assert torch.allclose(m.denoise(x, t, a), m.denoise(x, t, b), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_generator_and_cache_must_match(multi, tmp_path):
     cache, gen = multi
     # same stage-1 model (fingerprint), other data: the out-of-domain setting, accepted as is
@@ -131,6 +133,7 @@ def test_generator_and_cache_must_match(multi, tmp_path):
     assert r.exit_code == 1 and "width 8" in r.output and r.output.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_bad_evaluation_options_are_one_line(multi):
     cache, gen = multi
     for args, words in ((["--top-k", "many"], "--top-k"), (["--top-k", "0"], "--top-k"),
@@ -139,6 +142,7 @@ def test_bad_evaluation_options_are_one_line(multi):
         assert r.exit_code == 1 and words in r.output and r.output.strip().count("\n") == 0, r.output
 
 
+@pytest.mark.slow
 def test_without_a_generator_and_other_samplers(multi, tmp_path):
     cache, gen = multi
     out = tmp_path / "m.json"
@@ -150,6 +154,7 @@ def test_without_a_generator_and_other_samplers(multi, tmp_path):
     assert (report["sampler"], report["steps"], report["clamp"]) == ("ddpm", 5, False)
 
 
+@pytest.mark.slow
 def test_memory_budget_flag_streams_to_the_same_metrics(multi, tmp_path):
     cache, gen = multi
     runs = {}

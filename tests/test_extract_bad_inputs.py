@@ -68,17 +68,18 @@ def bad_set(demo_root, tmp_path_factory) -> Path:
     return write_msrvtt(tmp / "data", train, test, videos, train_ids=list(train) + ["good0"])  # good0 listed twice
 
 
+@pytest.mark.slow
 def test_bad_videos_and_captions(bad_set, tmp_path, monkeypatch):
     import diffret.extract.video as video_mod
 
-    real = video_mod._decode
+    real = video_mod.decode_uint8
 
     def hangs(path, spec):  # runs in the decoding child process, which the worker kills after 1.5 s
         if Path(path).stem == "hang":
             time.sleep(60)
         return real(path, spec)
 
-    monkeypatch.setattr(video_mod, "_decode", hangs)
+    monkeypatch.setattr(video_mod, "decode_uint8", hangs)
     out = tmp_path / "cache"
     r = run_cli("extract", "--data-root", bad_set, "--out", out, *FLAGS)
     squeezed = "".join(r.output.split())  # rich wraps long lines anywhere
@@ -124,7 +125,7 @@ def test_decode_watchdog_stops_a_hang_and_survives_a_crash(demo_root, monkeypatc
     paths = sorted((demo_root / "videos").glob("*.mp4"))[:4]
     spec = FrameSpec(n_frames=4, size=16, target_fps=None)
     expected = [read_frames(p, spec)[0] for p in paths]  # in-process, no watchdog
-    real = video_mod._decode
+    real = video_mod.decode_uint8
 
     def odd(path, spec):
         if path == paths[1]:
@@ -134,7 +135,7 @@ def test_decode_watchdog_stops_a_hang_and_survives_a_crash(demo_root, monkeypatc
         return real(path, spec)
 
     stop_helper()  # the next helper is forked after the patch, so it decodes with `odd`
-    monkeypatch.setattr(video_mod, "_decode", odd)
+    monkeypatch.setattr(video_mod, "decode_uint8", odd)
     reasons = []
     for p, exp in zip(paths, expected):
         try:

@@ -88,6 +88,7 @@ def assert_nothing_half_written(out: Path) -> None:
             assert f.attrs["rows"] == len(f[next(iter(f))])
 
 
+@pytest.mark.slow
 def test_killed_and_out_of_space_runs_resume_to_the_same_cache(small, reference, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     # 1. the video shard is renamed into place, its journal entry not yet written
@@ -135,6 +136,7 @@ def test_killed_and_out_of_space_runs_resume_to_the_same_cache(small, reference,
     assert not (out / PROGRESS_DIR).exists() and not [p for p in out.rglob(".*")]
 
 
+@pytest.mark.slow
 def test_what_out_may_hold(small, reference, tmp_path, monkeypatch):
     # A complete cache: nothing to do.
     r = run_cli("extract", "--data-root", small, "--out", reference, *FLAGS, ok=False)

@@ -83,6 +83,7 @@ def _by_hand(w: dict, x_t, t, query, cand, mask, direction: str):
     return lin(h, "decoder.2").squeeze(-1) + wts
 
 
+@pytest.mark.slow
 def test_import_maps_every_weight(original, tmp_path):
     from diffret.extract.checkpoint import load_stage1
     from diffret.generator.checkpoint import load_generator
@@ -106,8 +107,9 @@ def test_import_maps_every_weight(original, tmp_path):
     assert torch.equal(ours["temporal.frame_position_embeddings.weight"], sd["frame_position_embeddings.weight"][:12])
     assert torch.equal(ours["video_weight_fc.2.weight"], sd["video_weight_fc.2.weight"])
 
-    gcfg, t2v, v2t, meta = load_generator(out / "generator")
-    assert meta["width"] == D and meta["cache"]["fingerprint"] == fp and gcfg.steps == 50
+    gen = load_generator(out / "generator")
+    t2v, v2t, meta = gen.t2v, gen.v2t, gen.meta
+    assert meta["width"] == D and meta["cache"]["fingerprint"] == fp and gen.config.train_steps == 50
     g = torch.Generator().manual_seed(1)
     B, K, Fn = 3, 5, 4
     mask = (torch.rand(B, K, Fn, generator=g) > 0.3).float()
@@ -130,6 +132,7 @@ def test_import_maps_every_weight(original, tmp_path):
     assert set(read_json(tmp_path / "m.json")["results"]) == {"discriminative", "diffusion"}
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_one_line(original, tmp_path):
     path, sd = original
     junk = tmp_path / "junk.pth"

@@ -151,6 +151,7 @@ def _evaluate(root, cache, name, *extra):
     return np.load(sims)
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_samples_as_the_original(imported):
     root, sd, cache = imported
     sims = _evaluate(root, cache, "default")  # every sampling setting at its default

@@ -9,11 +9,13 @@ import sys
 
 import h5py
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from conftest import read_json, run_cli
 
 
+@pytest.mark.slow
 def test_extract_writes_a_complete_cache(cache_dir, demo_root):
     manifest = read_json(cache_dir / "manifest.json")
     assert manifest["width"] == 64 and manifest["n_words"] == 32 and manifest["n_frames"] == 12
@@ -33,6 +35,7 @@ def test_extract_writes_a_complete_cache(cache_dir, demo_root):
     assert pq.read_table(cache_dir / "failures.parquet").num_rows == 0
 
 
+@pytest.mark.slow
 def test_train_generator_needs_neither_open_clip_nor_decord(cache_dir, tmp_path):
     """Stage two runs from the cache alone: open_clip and decord are never imported."""
     out = tmp_path / "gen"
@@ -54,9 +57,10 @@ def test_train_generator_needs_neither_open_clip_nor_decord(cache_dir, tmp_path)
     meta = json.loads((out / "generator.json").read_text())
     assert meta["width"] == 64
     assert meta["parameters"] == {"t2v": 10 * 64**2 + 7 * 64 + 1, "v2t": 10 * 64**2 + 7 * 64 + 1}
-    assert meta["config"]["steps"] == 10 and meta["config"]["candidates"] == 8
+    assert meta["config"]["train_steps"] == 10 and meta["config"]["candidates"] == 8
 
 
+@pytest.mark.slow
 def test_evaluate_reports_both_rows(cache_dir, generator_dir, tmp_path):
     out = tmp_path / "metrics.json"
     result = run_cli("evaluate", "--cache", cache_dir, "--generator", generator_dir, "--steps", 10,
@@ -87,6 +91,7 @@ def test_unknown_dataset_is_one_line(demo_root, tmp_path):
     assert r.exit_code == 1 and "unknown dataset" in r.output and r.output.strip().count("\n") == 0
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_cache_is_refused(tmp_path, generator_dir):
     (tmp_path / "junk").mkdir()
     for cmd in (["train-generator", "--cache", tmp_path / "junk", "--out", tmp_path / "g"],
@@ -95,6 +100,7 @@ def test_a_folder_that_is_not_a_cache_is_refused(tmp_path, generator_dir):
         assert r.exit_code == 1 and "not a diffret cache" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_extract_refuses_to_clobber_a_cache(cache_dir, demo_root):
     r = run_cli("extract", "--data-root", demo_root, "--out", cache_dir, "--model", "tiny", "--pretrained", "none",
                 ok=False)

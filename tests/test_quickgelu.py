@@ -70,6 +70,7 @@ def test_the_decision_maps_name_and_weights_to_the_activation(tmp_path, openai_f
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu"])
+@pytest.mark.slow
 def test_the_openai_tag_builds_quick_gelu(monkeypatch, name):
     """The tag path asks open_clip for QuickGELU (the download itself is replaced: no network)."""
     real, calls = open_clip.create_model, []
@@ -84,6 +85,7 @@ def test_the_openai_tag_builds_quick_gelu(monkeypatch, name):
     assert_quick_everywhere(Stage1Model(clip, max_frames=12))
 
 
+@pytest.mark.slow
 def test_a_local_openai_state_dict_builds_quick_gelu(tmp_path):
     """ViT-B-32 random weights saved with OpenAI's extra entries: recognised, loaded, QuickGELU
     in both towers and in the temporal blocks; the same file without them follows the name."""
@@ -154,6 +156,7 @@ def _outputs(model: Stage1Model) -> tuple[torch.Tensor, ...]:
     return text["words"], text["word_logits"], video["frames"], video["frame_logits"], model.similarity(text, video)
 
 
+@pytest.mark.slow
 def test_a_stage1_rebuild_equals_the_model_that_wrote_it(tmp_path, openai_file):
     cfg = ExtractConfig(dataset="msrvtt", model="tiny", pretrained=str(openai_file), frames=4, words=16, epochs=0)
     model, _ = build_stage1(cfg)
@@ -243,6 +246,7 @@ def _videos(demo_root, tmp_path):
     return write_msrvtt(tmp_path / "data", train, test, videos)
 
 
+@pytest.mark.slow
 def test_extract_records_the_activation(demo_root, tmp_path, openai_file):
     """A dump from an OpenAI file: the manifest, stage1.pt and `cache info` say quick_gelu, and a
     second dump through --stage1 rebuilds the same model (same fingerprint, same activation)."""

@@ -22,7 +22,7 @@ def test_rerank_matches_the_original_loop():
     text, frames = torch.randn(nq, D), torch.randn(nv, F, D)
     mask = torch.arange(F)[None, :] < torch.randint(2, F + 1, (nv,))[:, None]
     S = torch.randn(nq, nv)
-    sampler = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=20)), 10)
+    sampler = make_sampler("ddim", NoiseSchedule(ScheduleConfig(train_steps=20)), 10)
     t2v, v2t = T2VDenoiser(D).eval(), V2TDenoiser(D).eval()
     for p in list(t2v.parameters()) + list(v2t.parameters()):  # default init is too tame to matter
         torch.nn.init.normal_(p, std=0.3)

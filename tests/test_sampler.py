@@ -47,14 +47,14 @@ def fake_model(x_t, t):
 def test_timesteps_match_diffusers(S):
     ref = _ddim_ref()
     ref.set_timesteps(S or T)
-    sampler = DDIMSampler(NoiseSchedule(kind="cosine", steps=T), num_inference_steps=S)
+    sampler = DDIMSampler(NoiseSchedule(kind="cosine", train_steps=T), num_inference_steps=S)
     assert sampler.timesteps.dtype == torch.long
     assert torch.equal(sampler.timesteps, ref.timesteps)
     assert torch.equal(leading_timesteps(T, S), ref.timesteps)
 
 
 def test_too_many_steps_raise():
-    s = NoiseSchedule(kind="cosine", steps=T)
+    s = NoiseSchedule(kind="cosine", train_steps=T)
     with pytest.raises(ValueError):
         DDIMSampler(s, num_inference_steps=T + 1)
     with pytest.raises(ValueError):
@@ -71,7 +71,7 @@ def test_ddim_step_matches_diffusers(set_alpha_to_one, use_clipped, eta, S):
     ref = _ddim_ref(set_alpha_to_one)
     ref.set_timesteps(S)
     sampler = DDIMSampler(
-        NoiseSchedule(kind="cosine", steps=T), S, eta=eta,
+        NoiseSchedule(kind="cosine", train_steps=T), S, eta=eta,
         set_alpha_to_one=set_alpha_to_one, use_clipped_model_output=use_clipped,
     )
     g = torch.Generator().manual_seed(1)
@@ -109,7 +109,7 @@ def test_ddim_full_loop_matches_diffusers(ddim_eps, eta, S):
     raw = diffusers' default. Over a whole trajectory whose x0 predictions leave [-1, 1]."""
     x, last_x0, peak = _diffusers_trajectory(S, eta, use_clipped=ddim_eps == "clamped")
     assert peak > 1.2  # the rule matters only when x0_hat leaves [-1, 1]
-    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", steps=T), num_inference_steps=S, eta=eta,
+    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", train_steps=T), num_inference_steps=S, eta=eta,
                            ddim_eps=ddim_eps)
     ours = sampler.sample(fake_model, (5, 8), generator=torch.Generator().manual_seed(123))
     torch.testing.assert_close(ours, last_x0, atol=2e-5, rtol=1e-4)
@@ -119,7 +119,7 @@ def test_ddim_full_loop_matches_diffusers(ddim_eps, eta, S):
 
 
 def test_ddim_default_is_the_clamped_epsilon_and_raw_differs():
-    s = NoiseSchedule(kind="cosine", steps=T)
+    s = NoiseSchedule(kind="cosine", train_steps=T)
     assert DDIMSampler(s).use_clipped_model_output and make_sampler("ddim", s).use_clipped_model_output
     assert not make_sampler("ddim", s, ddim_eps="raw").use_clipped_model_output
     runs = {e: make_sampler("ddim", s, ddim_eps=e).sample(fake_model, (5, 8),
@@ -151,7 +151,7 @@ HAND = {
 
 @pytest.mark.parametrize("ddim_eps", ["clamped", "raw"])
 def test_ddim_two_strided_steps_by_hand(ddim_eps):
-    s = NoiseSchedule(kind="cosine", steps=4)
+    s = NoiseSchedule(kind="cosine", train_steps=4)
     ab = HAND["alpha_bar"]
     assert s.alphas_cumprod.tolist() == pytest.approx(ab, abs=1e-11)
     x_T = torch.tensor([[0.5, -1.2, 0.9]], dtype=torch.float64)
@@ -174,7 +174,7 @@ def test_ddim_two_strided_steps_by_hand(ddim_eps):
 
 
 def test_ddim_deterministic_and_unclipped():
-    s = NoiseSchedule(kind="cosine", steps=T)
+    s = NoiseSchedule(kind="cosine", train_steps=T)
     a = DDIMSampler(s, 10).sample(fake_model, (3, 4), generator=torch.Generator().manual_seed(0))
     b = DDIMSampler(s, 10).sample(fake_model, (3, 4), generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
@@ -183,7 +183,7 @@ def test_ddim_deterministic_and_unclipped():
 
 
 def test_ddpm_posterior_by_hand():
-    s = NoiseSchedule(kind="cosine", steps=T)
+    s = NoiseSchedule(kind="cosine", train_steps=T)
     sampler = DDPMSampler(s)
     ab = s.alphas_cumprod
     x_t = torch.randn(3, 4, dtype=torch.float64)
@@ -206,7 +206,7 @@ def test_ddpm_step_and_loop_match_diffusers(S):
     ref = _ddpm_ref()
     if S is not None:
         ref.set_timesteps(S)
-    sampler = DDPMSampler(NoiseSchedule(kind="cosine", steps=T), num_inference_steps=S)
+    sampler = DDPMSampler(NoiseSchedule(kind="cosine", train_steps=T), num_inference_steps=S)
     assert torch.equal(sampler.timesteps, ref.timesteps)
     g = torch.Generator().manual_seed(5)
     for t in ref.timesteps.tolist():
@@ -233,7 +233,7 @@ def test_sample_passes_shared_timestep_batch():
         seen.append(t.tolist())
         return torch.zeros_like(x_t)
 
-    make_sampler("ddpm", NoiseSchedule(kind="linear", steps=20), num_inference_steps=4).sample(fn, (3, 2))
+    make_sampler("ddpm", NoiseSchedule(kind="linear", train_steps=20), num_inference_steps=4).sample(fn, (3, 2))
     assert seen == [[15] * 3, [10] * 3, [5] * 3, [0] * 3]
 
 
@@ -248,7 +248,7 @@ def test_rerank_fast_path_follows_the_sampler_rule(ddim_eps):
     nq, nv, F, D, K, seed = 6, 9, 4, 16, 5, 7
     text, frames = torch.randn(nq, D), torch.randn(nv, F, D)
     mask = torch.arange(F)[None, :] < torch.randint(2, F + 1, (nv,))[:, None]
-    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", steps=20), ddim_eps=ddim_eps)
+    sampler = make_sampler("ddim", NoiseSchedule(kind="cosine", train_steps=20), ddim_eps=ddim_eps)
     for model in (T2VDenoiser(D).eval(), V2TDenoiser(D).eval()):
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.4)
@@ -272,3 +272,24 @@ def test_rerank_fast_path_follows_the_sampler_rule(ddim_eps):
         assert max(peak) > 2.0
         fast = generate(model, *args, sampler, cand, alpha=1.5, temp=2.0, chunk=n, seed=seed)
         torch.testing.assert_close(fast, 1.5 * torch.softmax(2.0 * ref, 1), atol=1e-5, rtol=0)
+
+
+def test_a_generator_samples_on_its_own_schedule():
+    """Generator.schedule() is the config's schedule (one place builds it); .sampler() strides it and
+    refuses more sampling steps than the generator's T."""
+    from diffret.generator.config import GeneratorConfig
+    from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
+    from diffret.generator.generator import Generator
+    from diffret.generator.schedule import ScheduleConfig
+
+    cfg = GeneratorConfig(train_steps=20, schedule="linear", beta_scale=0.5)
+    gen = Generator(cfg, T2VDenoiser(8), V2TDenoiser(8), {"width": 8})
+    assert cfg.schedule_config() == ScheduleConfig(kind="linear", train_steps=20, beta_scale=0.5)
+    assert torch.equal(gen.schedule().betas, NoiseSchedule(kind="linear", train_steps=20, beta_scale=0.5).betas)
+    ddim = gen.sampler()
+    assert isinstance(ddim, DDIMSampler) and ddim.num_inference_steps == 20 and ddim.use_clipped_model_output
+    ddpm = gen.sampler("ddpm", 5, clamp=False)
+    assert isinstance(ddpm, DDPMSampler) and ddpm.timesteps.tolist() == [16, 12, 8, 4, 0] and not ddpm.clip_sample
+    assert not gen.sampler("ddim", 4, ddim_eps="raw", eta=0.5).use_clipped_model_output
+    with pytest.raises(ValueError, match="--steps 21 is more than the generator's 20 diffusion steps"):
+        gen.sampler("ddim", 21)

@@ -21,6 +21,8 @@ from diffret.extract.checkpoint import CheckpointError
 from diffret.extract.config import ExtractConfig
 from diffret.extract.stage1 import run_stage1
 
+pytestmark = pytest.mark.slow  # every test reads extract runs of demo clips
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 RECIPE = dict(model="tiny", pretrained="none", epochs=2, batch_size=4, frames=4, words=16, lr=1e-3, clip_lr_scale=1.0,
               target_fps=None, workers=0, decode_timeout=None)  # decode in-process: no fork per video

@@ -57,6 +57,7 @@ def test_cache_negatives_are_the_hardest_other_videos(syn):
     assert (vp != f.caption_video[:, None]).all() and (f.caption_video[cp] != torch.arange(12)[:, None]).all()
 
 
+@pytest.mark.slow
 def test_options_are_recorded_and_cache_negatives_train(syn, tmp_path):
     out = tmp_path / "gen"
     run_cli("train-generator", "--cache", syn, "--out", out, "--epochs", 1, *FAST, "--schedule", "linear",
@@ -88,6 +89,7 @@ def _interrupt_in_epoch_2(monkeypatch):
 
 
 @pytest.mark.parametrize("recipe", ["original", "modern"])
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(syn, tmp_path, monkeypatch, recipe):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("train-generator", "--cache", syn, "--out", straight, "--epochs", 3, *FAST, "--recipe", recipe)
@@ -118,6 +120,7 @@ def test_resume_equals_an_uninterrupted_run(syn, tmp_path, monkeypatch, recipe):
     assert r.exit_code == 1 and "nothing to resume" in r.output
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(syn, tmp_path, monkeypatch):
     out = tmp_path / "gen"
     real, calls = trainer.batch_loss, {"n": 0}
@@ -140,6 +143,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(syn, tmp_path, monkey
     assert _weights(out)["meta"]["epochs_done"] == 3
 
 
+@pytest.mark.slow
 def test_original_recipe_optimiser_schedule_and_init(syn, tmp_path):
     """The default recipe is the original's: BertAdam over both denoisers (decay 0.2 on weights, 0 on
     biases, betas 0.9/0.98, eps 1e-6, 10% warm-up then warmup_cosine over every step of every epoch),
@@ -192,3 +196,14 @@ def test_configs_written_before_the_recipe_read_as_modern():
     assert GeneratorConfig().decay() == 0.2 and GeneratorConfig(recipe="modern").decay() == 0.0
     with pytest.raises(ValueError, match="recipe"):
         GeneratorConfig(recipe="bert").validate()
+
+
+def test_configs_written_with_steps_read_as_train_steps():
+    """generator.json and train_state.pt written before the rename keep their T."""
+    from diffret.generator.config import GeneratorConfig
+
+    old = GeneratorConfig().to_dict()
+    old["steps"] = old.pop("train_steps") // 5
+    assert GeneratorConfig.from_dict(old) == GeneratorConfig(train_steps=10)
+    with pytest.raises(ValueError, match="^steps must be at least 1"):
+        GeneratorConfig(train_steps=0).validate()

@@ -15,8 +15,10 @@ from synthetic_cache import synthetic_cache
 
 import diffret.cache.wti as wti
 from diffret.cache.wti import WTIGallery, wti_similarity, wti_similarity_chunked
+from diffret.generator.config import GeneratorConfig
 from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
 from diffret.generator.features import SplitFeatures, load_split
+from diffret.generator.generator import Generator
 from diffret.generator.rerank import generate, rerank
 from diffret.generator.sampler import make_sampler
 from diffret.generator.schedule import NoiseSchedule, ScheduleConfig
@@ -46,9 +48,10 @@ def tiny_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("top_k, sampler, alpha", [(2, "ddim", 1.5), (5, "ddpm", -0.7)])
+@pytest.mark.slow
 def test_streamed_equals_in_memory(multi, tiny_blocks, top_k, sampler, alpha):
     cache, gen = multi
-    common = dict(steps=5, top_k=top_k, sampler=sampler, dsl=True, qb_norm=True, qb_k=2, alpha=alpha, temp=2.0)
+    common = dict(sample_steps=5, top_k=top_k, sampler=sampler, dsl=True, qb_norm=True, qb_k=2, alpha=alpha, temp=2.0)
     full = evaluate(cache, gen, **common)
     streamed = evaluate(cache, gen, memory_budget=1, **common)  # 1 byte: everything streams, 2 captions a block
     assert "memory" not in full and streamed["memory"]["streamed"] is True
@@ -60,13 +63,14 @@ def test_streamed_equals_in_memory(multi, tiny_blocks, top_k, sampler, alpha):
     assert streamed["qbnorm"] == full["qbnorm"] and streamed["dsl"] == full["dsl"]
 
 
+@pytest.mark.slow
 def test_streaming_refusals(multi, tmp_path):
     cache, gen = multi
     with pytest.raises(ValueError, match="--save-sims needs the full 42 x 15 score matrices"):
         evaluate(cache, gen, memory_budget=1, save_sims_to=tmp_path / "s.npz")
     assert not (tmp_path / "s.npz").exists()
     with pytest.raises(ValueError, match="--top-k all"):
-        evaluate(cache, gen, memory_budget=1, top_k=None, steps=2)
+        evaluate(cache, gen, memory_budget=1, top_k=None, sample_steps=2)
     # without a generator it streams the stage-1 row alone
     r = evaluate(cache, None, memory_budget=1)
     assert set(r["results"]) == {"discriminative"} and r["results"] == evaluate(cache, None)["results"]
@@ -105,7 +109,7 @@ def test_generation_blocking_does_not_change_scores():
     nq, nv, F, D, K = 37, 29, 5, 16, 6
     text, frames = torch.randn(nq, D), torch.randn(nv, F, D)
     mask = torch.arange(F)[None, :] < torch.randint(2, F + 1, (nv,))[:, None]
-    sampler = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=20)), 10)
+    sampler = make_sampler("ddim", NoiseSchedule(ScheduleConfig(train_steps=20)), 10)
     t2v, v2t = T2VDenoiser(D).eval(), V2TDenoiser(D).eval()
     for p in list(t2v.parameters()) + list(v2t.parameters()):
         torch.nn.init.normal_(p, std=0.3)
@@ -159,8 +163,8 @@ def test_streamed_equals_in_memory_with_ties(tiny_blocks, frames_equal):
     assert (S == S[0, 0]).all() == frames_equal
     D, K = f.width, 3
     torch.manual_seed(0)
-    t2v, v2t = T2VDenoiser(D).eval(), V2TDenoiser(D).eval()
-    smp = make_sampler("ddim", NoiseSchedule(ScheduleConfig(steps=10)), 3)
+    gen = Generator(GeneratorConfig(train_steps=10), T2VDenoiser(D).eval(), V2TDenoiser(D).eval(), {"width": D})
+    t2v, v2t, smp = gen.t2v, gen.v2t, gen.sampler("ddim", 3)
     opts = EvalOptions(top_k=K, alpha=1.0, temp=1e4, dsl=True)
     common = dict(sampler=smp, top_k=K, alpha=opts.alpha, temp=opts.temp, seed=opts.seed)
     rows = {"discriminative": (S, S.t()),
@@ -169,7 +173,7 @@ def test_streamed_equals_in_memory_with_ties(tiny_blocks, frames_equal):
             "dsl": (dual_softmax(S, 1.0, 100.0), dual_softmax(S.t(), 1.0, 100.0))}
     full = {row: retrieval_metrics(a, b, f.caption_video) for row, (a, b) in rows.items()}
     for budget in (1, 1 << 20):  # one sweep per video of several captions, or a single sweep
-        streamed, info = streamed_metrics(f, opts, "cpu", (None, t2v, v2t, None), smp, None, 100.0, budget=budget)
+        streamed, info = streamed_metrics(f, opts, "cpu", gen, smp, None, 100.0, budget=budget)
         assert streamed == full, budget
         assert info["v2t_sweeps"] == (4 if budget == 1 else 1)
     if frames_equal:  # nothing to tell apart: every query behind every other candidate it could find
@@ -195,6 +199,7 @@ def test_streamed_v2t_is_the_multi_caption_protocol(tiny_blocks):
     assert streamed["discriminative"]["v2t"]["MnR"] == pytest.approx(float((by_video[has] + 1).float().mean()))
 
 
+@pytest.mark.slow
 def test_every_scorer_follows_the_cache_rule(multi, tmp_path):
     """A cache recording wti_padding "exclude" is scored by it in memory and streamed alike."""
     cache, _ = multi

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 from conftest import read_json, run_cli
 from synthetic_cache import synthetic_cache
 
 
+@pytest.mark.slow
 def test_sweep_writes_table_and_plot(tmp_path):
     cache = synthetic_cache(tmp_path / "cache", n_train=8, n_test=5)
     out = tmp_path / "sweep"

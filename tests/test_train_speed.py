@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from synthetic_cache import synthetic_cache
@@ -52,6 +53,7 @@ def test_shared_candidates_give_the_plain_step(tmp_path):
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(*grads))
 
 
+@pytest.mark.slow
 def test_train_speed_runs_at_a_tiny_size(tmp_path):
     out = tmp_path / "train.json"
     report = train_speed.main([

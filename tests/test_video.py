@@ -11,7 +11,7 @@ from diffret.extract.video import (
     FrameSpec,
     VideoDecodeError,
     normalize,
-    _decode_pyav,
+    decode_pyav,
     read_frames,
     resize_center_crop,
     sample_frame_indices,
@@ -219,11 +219,11 @@ def test_pyav_fallback_matches_decord(videos):
 
     idx = [0, 3, 11, 19]
     ref = decord.VideoReader(str(videos["grey"]), num_threads=1).get_batch(idx).asnumpy()
-    alt = _decode_pyav(videos["grey"], idx)
+    alt = decode_pyav(videos["grey"], idx)
     assert alt.shape == ref.shape and alt.dtype == np.uint8
     assert np.abs(alt.astype(int) - ref.astype(int)).max() <= 1
-    assert _decode_pyav(videos["grey"], [0, N]) is None  # past the end
-    assert _decode_pyav(videos["notes.mp4"], [0]) is None
+    assert decode_pyav(videos["grey"], [0, N]) is None  # past the end
+    assert decode_pyav(videos["notes.mp4"], [0]) is None
 
 
 # --------------------------------------------------------------------------- failures

@@ -3,23 +3,23 @@
 Both annotate moments of long videos with several sentences; for video retrieval (as
 CLIP4Clip and DiffusionRet evaluate them) a video's sentences are joined, in file order, into
 one paragraph: one caption per video, caption_id = video_id. Their default slots are 64 frames
-and 64 words (config.DATASET_SLOTS).
+and 64 words (extract/config.py's DATASET_SLOTS).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .annotations import (
+from .base import (
     SPLITS,
     VIDEO_EXTS,
     AnnotationError,
     Annotations,
     Caption,
-    _read_json,
-    _require_file,
-    _require_root,
-    _video_folder,
     find_videos,
+    read_json,
+    require_file,
+    require_root,
+    video_folder,
 )
 
 ACTIVITYNET_FILES = {"train": "train.json", "test": "val_1.json"}
@@ -32,7 +32,7 @@ def _paragraph(sentences: list[str]) -> str:
 
 def _activitynet_split(path: Path, split: str) -> list[Caption]:
     """{video_id: {"duration", "timestamps", "sentences": [...]}} -> one paragraph caption per video."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise AnnotationError(f"{path}: expected a JSON object video_id -> {{'sentences': [...], ...}}")
     out = []
@@ -55,23 +55,23 @@ def load_activitynet(root: Path, video_dir: str | None = None) -> Annotations:
     root>/<id>.mp4, also found without the "v_" prefix, with another extension (.mkv, .webm, ...)
     or in a sub-folder.
     """
-    root = _require_root(root, "activitynet")
+    root = require_root(root, "activitynet")
     captions = []
     for split, name in ACTIVITYNET_FILES.items():
-        captions += _activitynet_split(_require_file(root / name, "activitynet"), split)
+        captions += _activitynet_split(require_file(root / name, "activitynet"), split)
     seen: set[str] = set()
     for c in captions:  # a video in both files would make its caption id ambiguous
         if c.caption_id in seen:
             raise AnnotationError(f"{root}: video {c.video_id!r} is in both {' and '.join(ACTIVITYNET_FILES.values())}")
         seen.add(c.caption_id)
     names = {c.video_id: [c.video_id] + ([c.video_id[2:]] if c.video_id.startswith("v_") else []) for c in captions}
-    videos = find_videos(_video_folder(root, video_dir), names)
+    videos = find_videos(video_folder(root, video_dir), names)
     return Annotations(dataset="activitynet", root=root, captions=captions, videos=videos)
 
 
 def _didemo_split(path: Path, split: str) -> list[tuple[str, str]]:
     """[{"video", "description", "times", ...}, ...] -> (video, description) in file order."""
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: expected a JSON list of {{'video', 'description', ...}} objects")
     out = []
@@ -95,10 +95,10 @@ def load_didemo(root: Path, video_dir: str | None = None) -> Annotations:
     <video_dir or root/videos or root>/<video> as named, or its stem with any video extension
     (e.g. the .mp4 re-encodes), also in sub-folders. The original's loader reads each video from
     second 0 to second 31 only (its moments stop at 30 s): `diffret extract` samples the same
-    seconds by default (config.DATASET_END_SECOND, --end-second).
+    seconds by default (extract/config.py's DATASET_END_SECOND, --end-second).
     """
-    root = _require_root(root, "didemo")
-    files = {s: _require_file(root / n, "didemo") for s, n in DIDEMO_FILES.items() if s != "val"}
+    root = require_root(root, "didemo")
+    files = {s: require_file(root / n, "didemo") for s, n in DIDEMO_FILES.items() if s != "val"}
     if (root / DIDEMO_FILES["val"]).is_file():
         files["val"] = root / DIDEMO_FILES["val"]
     captions, split_of = [], {}
@@ -115,5 +115,5 @@ def load_didemo(root: Path, video_dir: str | None = None) -> Annotations:
     for c in captions:
         stem = Path(c.video_id).stem if Path(c.video_id).suffix.lower() in VIDEO_EXTS else c.video_id
         names[c.video_id] = list(dict.fromkeys([c.video_id, stem]))
-    videos = find_videos(_video_folder(root, video_dir), names)
+    videos = find_videos(video_folder(root, video_dir), names)
     return Annotations(dataset="didemo", root=root, captions=captions, videos=videos)

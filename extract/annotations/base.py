@@ -1,17 +1,15 @@
-"""Dataset annotations: which captions exist, which video each describes, and where it lives.
+"""What every annotation loader shares: the `Annotations` it returns and the file parsing helpers.
 
-Every dataset loader returns the same `Annotations` object, so the extractor never needs to
-know a dataset's file layout. Loaders are registered by lower-case name (`dataset_names()`):
-msrvtt (here), msvd, lsmdc (clip_sets.py), activitynet, didemo (paragraphs.py) and manifest, a CSV or JSONL
-file for users' own videos (own_videos.py). Videos are looked up but never opened here: a
-missing or unreadable video is recorded as a failure by the extractor.
+A loader turns a dataset's files into `Annotations` (captions, the video each describes, its
+split, the file of every video). The helpers read JSON, headed CSV and line files with errors
+that name the file and line (`AnnotationError`), number captions per video and find video files.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,20 +58,22 @@ class Annotations:
 # --------------------------------------------------------------------------- file helpers
 
 
-def _require_root(root: Path, dataset: str) -> Path:
+def require_root(root: Path, dataset: str) -> Path:
+    """`root` as a Path (with ~ expanded); FileNotFoundError unless it is a folder."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"{dataset} annotation root {root} does not exist or is not a directory")
     return root
 
 
-def _require_file(path: Path, dataset: str) -> Path:
+def require_file(path: Path, dataset: str) -> Path:
+    """`path`; FileNotFoundError naming the dataset unless it is a file."""
     if not path.is_file():
         raise FileNotFoundError(f"{dataset} annotation file {path} is missing")
     return path
 
 
-def _not_utf8(path: Path) -> AnnotationError:
+def not_utf8(path: Path) -> AnnotationError:
     """The error for a file that is not UTF-8 text, naming the line of its first bad byte."""
     raw = path.read_bytes()
     try:
@@ -85,18 +85,19 @@ def _not_utf8(path: Path) -> AnnotationError:
     return AnnotationError(f"{path}: not UTF-8 text")
 
 
-def _read_json(path: Path) -> object:
+def read_json(path: Path) -> object:
+    """The parsed JSON of a UTF-8 file (a BOM is allowed); AnnotationError names the line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path} line {e.lineno} column {e.colno}: invalid JSON: {e.msg}") from None
 
 
-def _read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+def read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
     """Rows of a headed CSV as (line number, {column: stripped value}); all `columns` required."""
     rows: list[tuple[int, dict[str, str]]] = []
     try:
@@ -122,13 +123,14 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> list[tuple[int, dict[str,
                     raise AnnotationError(f"{path} line {line}: empty or missing value for {', '.join(empty)}")
                 rows.append((line, values))
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     except csv.Error as e:
         raise AnnotationError(f"{path}: malformed CSV: {e}") from None
     return rows
 
 
-def _check_unique(captions: list[Caption], where: Path) -> None:
+def check_unique(captions: list[Caption], where: Path) -> None:
+    """AnnotationError (naming `where`) at the first repeated caption id."""
     seen: set[str] = set()
     for c in captions:
         if c.caption_id in seen:
@@ -136,21 +138,10 @@ def _check_unique(captions: list[Caption], where: Path) -> None:
         seen.add(c.caption_id)
 
 
-def _video_paths(root: Path, video_dir: str | None, video_ids, ext: str = ".mp4") -> dict[str, Path]:
-    """video_id -> root/video_dir/<id><ext>; default folder root/videos if present, else root."""
-    if video_dir is not None:
-        folder = root / video_dir  # an absolute `video_dir` replaces root
-    elif (root / "videos").is_dir():
-        folder = root / "videos"
-    else:
-        folder = root
-    return {vid: folder / f"{vid}{ext}" for vid in video_ids}
-
-
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 
 
-def _video_folder(root: Path, video_dir: str | None, defaults: tuple[str, ...] = ("videos",)) -> Path:
+def video_folder(root: Path, video_dir: str | None, defaults: tuple[str, ...] = ("videos",)) -> Path:
     """`video_dir` (relative to root, or absolute); else the first of root/<defaults> that exists; else root."""
     if video_dir is not None:
         return root / video_dir
@@ -200,16 +191,16 @@ def find_videos(
     return {vid: out[vid] for vid in candidates}
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
+def read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines of a text file as (line number, stripped text)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise _not_utf8(path) from None
+        raise not_utf8(path) from None
     return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _numbered(items: Iterable[tuple[str, str, str]]) -> list[Caption]:
+def numbered(items: Iterable[tuple[str, str, str]]) -> list[Caption]:
     """(video_id, text, split) -> Captions with id f"{video_id}#{n}", n counting within the video."""
     seen: dict[str, int] = {}
     out = []
@@ -218,101 +209,3 @@ def _numbered(items: Iterable[tuple[str, str, str]]) -> list[Caption]:
         seen[vid] = n + 1
         out.append(Caption(f"{vid}#{n}", vid, text, split))
     return out
-
-
-# --------------------------------------------------------------------------- MSRVTT
-
-MSRVTT_JSON = "MSRVTT_data.json"
-MSRVTT_TRAIN_CSV = "MSRVTT_train.9k.csv"
-MSRVTT_TEST_CSV = "MSRVTT_JSFUSION_test.csv"
-
-
-def _msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
-    """(video_id, caption) of every entry of `sentences` in MSRVTT_data.json, in file order."""
-    data = _read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
-        raise AnnotationError(f"{path}: expected a JSON object with a 'sentences' list")
-    out: list[tuple[str, str]] = []
-    for i, s in enumerate(data["sentences"]):
-        if not isinstance(s, dict):
-            raise AnnotationError(f"{path}: sentences[{i}] is not an object")
-        vid, text = s.get("video_id"), s.get("caption")
-        if not isinstance(vid, str) or not vid.strip():
-            raise AnnotationError(f"{path}: sentences[{i}] has no string 'video_id'")
-        if not isinstance(text, str):
-            raise AnnotationError(f"{path}: sentences[{i}] (video {vid}) has no string 'caption'")
-        out.append((vid.strip(), text.strip()))
-    return out
-
-
-def load_msrvtt(root: Path, video_dir: str | None = None) -> Annotations:
-    """MSR-VTT with the 9k train / 1k-A (JSFusion) test split used by CLIP4Clip and DiffusionRet.
-
-    root/MSRVTT_data.json        `sentences[].{video_id, caption}` (all 200k captions)
-    root/MSRVTT_train.9k.csv     column `video_id`: train videos. Train = every caption of those
-                                 videos, in json order; caption_id = f"{video_id}#{i}", i = the
-                                 caption's index among that video's sentences in the json.
-    root/MSRVTT_JSFUSION_test.csv  columns key,vid_key,video_id,sentence: 1000 test pairs, one
-                                 caption per video; caption_id = key.
-    Videos: root/<video_dir>/<id>.mp4; by default root/videos/ if it exists, else root/.
-    """
-    root = _require_root(root, "msrvtt")
-    json_path = _require_file(root / MSRVTT_JSON, "msrvtt")
-    train_path = _require_file(root / MSRVTT_TRAIN_CSV, "msrvtt")
-    test_path = _require_file(root / MSRVTT_TEST_CSV, "msrvtt")
-
-    sentences = _msrvtt_sentences(json_path)
-    train_rows = _read_csv(train_path, ("video_id",))
-    test_rows = _read_csv(test_path, ("key", "vid_key", "video_id", "sentence"))
-
-    per_video: dict[str, int] = {}
-    numbered: list[tuple[str, int, str]] = []  # (video_id, index within video, text)
-    for vid, text in sentences:
-        n = per_video.get(vid, 0)
-        per_video[vid] = n + 1
-        numbered.append((vid, n, text))
-
-    train_ids: set[str] = set()
-    for line, row in train_rows:
-        vid = row["video_id"]
-        if vid not in per_video:
-            raise AnnotationError(f"{train_path} line {line}: video {vid!r} has no captions in {json_path.name}")
-        train_ids.add(vid)
-
-    captions = [Caption(f"{vid}#{n}", vid, text, "train") for vid, n, text in numbered if vid in train_ids]
-    first_line: dict[str, int] = {}
-    for line, row in test_rows:  # a repeated key is a broken file: name both lines
-        if first_line.setdefault(row["key"], line) != line:
-            raise AnnotationError(f"{test_path} line {line}: duplicate caption id {row['key']!r} (key also on line "
-                                 f"{first_line[row['key']]})")
-    captions += [Caption(row["key"], row["video_id"], row["sentence"], "test") for _, row in test_rows]
-    _check_unique(captions, test_path)
-
-    videos = _video_paths(root, video_dir, dict.fromkeys(c.video_id for c in captions))
-    return Annotations(dataset="msrvtt", root=root, captions=captions, videos=videos)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-def _registry() -> dict[str, Callable[..., Annotations]]:
-    from .clip_sets import load_lsmdc, load_msvd
-    from .own_videos import load_manifest
-    from .paragraphs import load_activitynet, load_didemo
-
-    return {"msrvtt": load_msrvtt, "msvd": load_msvd, "lsmdc": load_lsmdc, "activitynet": load_activitynet,
-            "didemo": load_didemo, "manifest": load_manifest}
-
-
-def dataset_names() -> list[str]:
-    """The names `load_annotations` accepts."""
-    return list(_registry())
-
-
-def load_annotations(dataset: str, root, video_dir: str | None = None) -> Annotations:
-    """Load `dataset` (one of `dataset_names()`, case-insensitive) from `root`."""
-    registry = _registry()
-    loader = registry.get(str(dataset).lower())
-    if loader is None:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(registry)}")
-    return loader(Path(root), video_dir=video_dir)

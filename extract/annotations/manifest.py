@@ -18,7 +18,7 @@ import io
 import json
 from pathlib import Path
 
-from .annotations import SPLITS, AnnotationError, Annotations, Caption, _check_unique
+from .base import SPLITS, AnnotationError, Annotations, Caption, check_unique
 
 MANIFEST_NAMES = ("manifest.csv", "manifest.jsonl")
 ALIASES = {
@@ -120,7 +120,7 @@ def load_manifest(root: Path, video_dir: str | None = None) -> Annotations:
         captions.append(Caption(row.get("caption_id") or f"{vid}#{n}", vid, row["caption"], row["split"]))
     if not captions:
         raise AnnotationError(f"{path}: no captions")
-    _check_unique(captions, path)
+    check_unique(captions, path)
     split_of: dict[str, str] = {}
     for c in captions:
         if split_of.setdefault(c.video_id, c.split) != c.split:

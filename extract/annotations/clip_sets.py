@@ -8,18 +8,18 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from .annotations import (
+from .base import (
     SPLITS,
     VIDEO_EXTS,
     AnnotationError,
     Annotations,
-    _check_unique,
-    _numbered,
-    _read_lines,
-    _require_file,
-    _require_root,
-    _video_folder,
+    check_unique,
     find_videos,
+    numbered,
+    read_lines,
+    require_file,
+    require_root,
+    video_folder,
 )
 
 # --------------------------------------------------------------------------- MSVD
@@ -71,9 +71,9 @@ def load_msvd(root: Path, video_dir: str | None = None) -> Annotations:
     is evaluated with the multi-caption protocol); caption_id = f"{video_id}#{n}".
     Videos: <video_dir or root/YouTubeClips or root/videos or root>/<id>.avi (.mp4 etc. also found).
     """
-    root = _require_root(root, "msvd")
-    caps_path = _require_file(root / MSVD_CAPTIONS, "msvd")
-    lists = {split: _require_file(root / name, "msvd") for split, name in MSVD_LISTS.items() if split != "val"}
+    root = require_root(root, "msvd")
+    caps_path = require_file(root / MSVD_CAPTIONS, "msvd")
+    lists = {split: require_file(root / name, "msvd") for split, name in MSVD_LISTS.items() if split != "val"}
     if (root / MSVD_LISTS["val"]).is_file():
         lists["val"] = root / MSVD_LISTS["val"]
     captions_of = _msvd_captions(caps_path)
@@ -81,14 +81,14 @@ def load_msvd(root: Path, video_dir: str | None = None) -> Annotations:
     for split in SPLITS:
         if split not in lists:
             continue
-        for line, vid in _read_lines(lists[split]):
+        for line, vid in read_lines(lists[split]):
             if vid not in captions_of:
                 raise AnnotationError(f"{lists[split]} line {line}: video {vid!r} has no captions in {MSVD_CAPTIONS}")
             items += [(vid, text, split) for text in captions_of[vid]]
-    captions = _numbered(items)
-    _check_unique(captions, caps_path)
+    captions = numbered(items)
+    check_unique(captions, caps_path)
     ids = dict.fromkeys(c.video_id for c in captions)
-    folder = _video_folder(root, video_dir, ("YouTubeClips", "videos"))
+    folder = video_folder(root, video_dir, ("YouTubeClips", "videos"))
     videos = find_videos(folder, {v: [v] for v in ids}, (".avi",) + VIDEO_EXTS)
     return Annotations(dataset="msvd", root=root, captions=captions, videos=videos)
 
@@ -105,7 +105,7 @@ LSMDC_FILES = {
 def _lsmdc_rows(path: Path) -> list[tuple[str, str]]:
     """(clip_id, sentence) of a tab-separated LSMDC file (6 fields, no header)."""
     rows = []
-    for line, text in _read_lines(path):
+    for line, text in read_lines(path):
         fields = text.split("\t")
         if len(fields) < 6:
             raise AnnotationError(
@@ -128,13 +128,13 @@ def load_lsmdc(root: Path, video_dir: str | None = None) -> Annotations:
     without its final "_<times>" part; clip_id.avi directly in the folder or anywhere below it
     (.mp4 etc.) is found as well.
     """
-    root = _require_root(root, "lsmdc")
-    files = {s: _require_file(root / n, "lsmdc") for s, n in LSMDC_FILES.items() if s != "val"}
+    root = require_root(root, "lsmdc")
+    files = {s: require_file(root / n, "lsmdc") for s, n in LSMDC_FILES.items() if s != "val"}
     if (root / LSMDC_FILES["val"]).is_file():
         files["val"] = root / LSMDC_FILES["val"]
     items = [(clip, text, split) for split in SPLITS if split in files for clip, text in _lsmdc_rows(files[split])]
-    captions = _numbered(items)
+    captions = numbered(items)
     ids = dict.fromkeys(c.video_id for c in captions)
-    folder = _video_folder(root, video_dir)
+    folder = video_folder(root, video_dir)
     videos = find_videos(folder, {v: [f"{v.rsplit('_', 1)[0]}/{v}", v] for v in ids}, (".avi",) + VIDEO_EXTS)
     return Annotations(dataset="lsmdc", root=root, captions=captions, videos=videos)

@@ -1,0 +1,59 @@
+"""`diffret extract`: stage 1 (options: extract/config.py ExtractConfig)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+
+from diffret.extract.config import ExtractConfig
+
+from .errors import clear_errors
+from .options import config, options
+from .output import console, progress_bar
+
+SETTINGS = ("model", "pretrained", "stage1", "epochs", "batch_size", "lr", "clip_lr_scale", "weight_decay", "warmup",
+            "grad_clip", "loss", "wti_padding", "frames", "words", "target_fps", "frame_rule", "frame_padding",
+            "end_second", "workers", "amp", "grad_checkpointing")  # in --help order, after --out
+
+
+@click.command("extract")
+@options(ExtractConfig, ("dataset", "data_root", "video_dir"))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Cache folder to write.")
+@options(ExtractConfig, SETTINGS)
+@click.option("--resume", is_flag=True, show_default="off",
+              help="Continue an unfinished fine-tuning in --out from its last finished epoch.")
+@options(ExtractConfig, ("device", "seed"))
+@click.option("--overwrite", is_flag=True, show_default="off",
+              help="Start over: replace a cache or an unfinished run in --out (by default an unfinished run resumes).")
+@options(ExtractConfig, ("decode_timeout", "shard_rows"))
+def command(out, resume, overwrite, **values):
+    """Stage 1: fine-tune the CLIP extractor contrastively and dump features to a cache.
+
+    Several GPUs or machines: start it with torchrun, e.g. `torchrun --nproc_per_node 4 -m
+    diffret.pipeline.cli extract ...`; --batch-size stays the global batch.
+    """
+    from diffret.extract.distributed import env_info, shutdown
+
+    main_rank = env_info().is_main  # under torchrun only rank 0 shows progress and messages
+    with clear_errors():
+        if not Path(values["data_root"]).exists():
+            raise FileNotFoundError(f"data root {values['data_root']} does not exist")
+        from diffret.extract.stage1 import run_stage1
+
+        cfg = config(ExtractConfig, values)
+        log = console.print if main_rank else (lambda *a, **k: None)
+        try:
+            with (progress_bar() if main_rank else nullcontext()) as p:
+                summary = run_stage1(cfg, out, overwrite=overwrite, progress=p, log=log, resume_training=resume)
+        finally:
+            shutdown()  # leave torchrun's process group (a no-op on one process)
+    if not main_rank:
+        return
+    counts = ", ".join(f"{s}: {c['captions']} captions / {c['videos']} videos" for s, c in summary["splits"].items())
+    console.print(f"cache written to {out} ({counts}) in {summary['seconds']} s on {summary['device']}")
+    if summary["failed"]:
+        console.print(f"[yellow]{summary['failed']} videos could not be read and are not in the cache; "
+                      f"the list with reasons: {summary['failures_file']}[/]", soft_wrap=True)  # a path to copy
+    else:
+        console.print("every video was read")

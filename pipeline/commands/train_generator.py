@@ -1,0 +1,33 @@
+"""`diffret train-generator`: stage 2 (options: generator/config.py GeneratorConfig)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from diffret.generator.config import GeneratorConfig
+
+from .errors import clear_errors
+from .options import cache_option, config, options, typed
+from .output import console, progress_bar
+
+TRAINING = ("epochs", "train_steps", "schedule", "beta_scale", "loss", "x0", "candidates", "negatives", "batch_size",
+            "lr", "ema", "recipe", "device", "seed")
+
+
+@click.command("train-generator")
+@cache_option
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Generator run folder to write.")
+@options(GeneratorConfig, TRAINING)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+def command(cache_dir, out, resume, **values):
+    """Stage 2: train the t2v and v2t denoisers on cached features only."""
+    from diffret.generator.trainer import resume_config, train_generator
+
+    with clear_errors():
+        # --resume: the saved settings, plus the options given on this command line
+        cfg = resume_config(out, typed(values)) if resume else config(GeneratorConfig, values)
+        with progress_bar() as p:
+            meta = train_generator(cache_dir, out, cfg, progress=p, log=console.print, resume=resume)
+    console.print(f"generator written to {out}: width {meta['width']}, parameters {meta['parameters']}, "
+                  f"loss per epoch {meta['history']}, {meta['seconds']} s")
