@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/diffret demo-data $(DEMO)/data
 	$(BIN)/diffret extract --dataset msrvtt --data-root $(DEMO)/data --out $(DEMO)/cache \
 		--model tiny --pretrained none $(DEMO_EXTRACT_FLAGS) --overwrite
-	$(BIN)/diffret train-generator --cache $(DEMO)/cache --out $(DEMO)/generator $(DEMO_GENERATOR_FLAGS)
+	$(BIN)/diffret train-generator --cache $(DEMO)/cache --out $(DEMO)/generator $(DEMO_GENERATOR_FLAGS) --overwrite
 	$(BIN)/diffret evaluate --cache $(DEMO)/cache --generator $(DEMO)/generator --steps 50 \
 		--json $(DEMO)/metrics.json
 

@@ -61,7 +61,8 @@ def run_seed(out: Path, seed: int, a) -> dict:
     epochs = int(_flag(a.generator_flags, "--epochs", 5))
     meta = json.loads((gen / "generator.json").read_text()) if (gen / "generator.json").is_file() else {}
     if meta.get("epochs_done", 0) < epochs:  # not trained, or interrupted
-        diffret("train-generator", "--cache", cache, "--out", gen, "--seed", seed, *shlex.split(a.generator_flags))
+        diffret("train-generator", "--cache", cache, "--out", gen, "--seed", seed, *shlex.split(a.generator_flags),
+                "--overwrite")  # an interrupted run starts over
     results = {}
     for name, c in (("in_domain", cache), ("out_of_domain", shifted)):
         path = d / f"{name}.json"
@@ -73,7 +74,8 @@ def run_seed(out: Path, seed: int, a) -> dict:
         vgen = d / "generator-variant"
         meta = json.loads((vgen / "generator.json").read_text()) if (vgen / "generator.json").is_file() else {}
         if meta.get("epochs_done", 0) < int(_flag(a.variant_flags, "--epochs", 5)):
-            diffret("train-generator", "--cache", cache, "--out", vgen, "--seed", seed, *shlex.split(a.variant_flags))
+            diffret("train-generator", "--cache", cache, "--out", vgen, "--seed", seed, *shlex.split(a.variant_flags),
+                    "--overwrite")
         for name, c in (("in_domain", cache), ("out_of_domain", shifted)):
             path = d / f"{name}-variant.json"
             if not path.is_file():

@@ -1,7 +1,9 @@
 """The progress journal of an unfinished cache, which makes extraction resumable.
 
 While `diffret extract` runs, `progress/` in the cache holds `run.json` (the settings of the
-run) and one JSON file per finished shard, written atomically right after the shard itself:
+run, "config", and the fingerprint of its inputs, "inputs": {"annotations": {file: sha256},
+"videos": {path: [size, mtime_ns] or null}}, which a resume must find unchanged) and one JSON
+file per finished shard, written atomically right after the shard itself:
 
     progress/<kind>-<split>-<nnnnn>.json   {"kind", "split", "index", "file" (null: no rows),
         "rows", "sha256", "fingerprint", "shard_rows", "index_rows": [...], "failures": [...]}

@@ -12,9 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .layout import CAPTIONS_FILE, FAILURES_FILE, VIDEOS_FILE
 
-SCHEMA_VERSION = 2  # 2: model.activation, wti_padding (the fidelity round)
+SCHEMA_VERSION = 2  # 2: model.activation, wti_padding (the fidelity round), files (every file's sha256)
 MANIFEST_NAME = "manifest.json"
+STAGE1_FILE = "stage1.pt"  # the stage-1 checkpoint a cache's features came from (extract/checkpoint.py writes it)
+# The files of a cache (besides the manifest and the shards, which have their own records) whose
+# sha256 the manifest records in `files` when present: every file diffret writes there and later trusts.
+CHECKSUMMED_FILES = (CAPTIONS_FILE, VIDEOS_FILE, FAILURES_FILE, STAGE1_FILE)
 
 
 class CacheError(RuntimeError):
@@ -50,6 +55,9 @@ class Manifest:
     # How WTI treats a padded (word, frame) pair inside its maxima: "zero" (the original: masked
     # cosines count as 0) or "exclude" (they never win a max). Every scorer of this cache uses it.
     wti_padding: str = "zero"
+    # sha256 of every other file of the cache that diffret wrote and trusts (CHECKSUMMED_FILES that
+    # exist), by path relative to the cache root: {"captions.parquet": hex, ...}. Set by file_checksums.
+    files: dict = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -72,6 +80,57 @@ def write_manifest(root: Path, manifest: Manifest) -> Path:
     return path
 
 
+_INT, _NUM, _STR, _OBJ, _LIST = "an integer", "a number", "a string", "an object", "a list"
+# The manifest's keys and their JSON types; the required ones first (the others have defaults).
+REQUIRED_KEYS = {"schema_version": _INT, "width": _INT, "n_words": _INT, "n_frames": _INT, "model": _OBJ,
+                 "extract_config": _OBJ, "splits": _OBJ, "shards": _LIST}
+OPTIONAL_KEYS = {"dataset": _STR, "dtype": _STR, "logit_scale": _NUM, "wti_padding": _STR, "files": _OBJ}
+_SHARD_KEYS = {"file": _STR, "kind": _STR, "split": _STR, "rows": _INT, "sha256": _STR}
+
+
+def _is(value, kind: str) -> bool:
+    if kind in (_INT, _NUM) and isinstance(value, bool):  # JSON true is not a number
+        return False
+    return isinstance(value, {_INT: int, _NUM: (int, float), _STR: str, _OBJ: dict, _LIST: list}[kind])
+
+
+def _describe(value) -> str:
+    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object",
+            list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{kind} ({json.dumps(value)[:40]})" if not isinstance(value, (dict, list)) else kind
+
+
+def _check_key(where: str, value, kind: str) -> None:
+    if not _is(value, kind):
+        raise ValueError(f"{where} must be {kind}, not {_describe(value)}")
+
+
+def check_manifest_dict(data: dict) -> None:
+    """Raise ValueError (one line, naming the key and the expected type) unless `data` has every
+    required key of a manifest, each key of the type docs/cache.md gives it."""
+    for key, kind in REQUIRED_KEYS.items():
+        if key not in data:
+            raise ValueError(f"the required key {key!r} ({kind}) is missing")
+        _check_key(f"key {key!r}", data[key], kind)
+    for key, kind in OPTIONAL_KEYS.items():
+        if key in data:
+            _check_key(f"key {key!r}", data[key], kind)
+    for split, counts in data["splits"].items():
+        _check_key(f"splits[{split!r}]", counts, _OBJ)
+        for key in ("captions", "videos"):
+            if key not in counts:
+                raise ValueError(f"splits[{split!r}] lacks the key {key!r} ({_INT})")
+            _check_key(f"splits[{split!r}][{key!r}]", counts[key], _INT)
+    for i, shard in enumerate(data["shards"]):
+        _check_key(f"shards[{i}]", shard, _OBJ)
+        for key, kind in _SHARD_KEYS.items():
+            if key not in shard:
+                raise ValueError(f"shards[{i}] lacks the key {key!r} ({kind})")
+            _check_key(f"shards[{i}][{key!r}]", shard[key], kind)
+    for name, digest in data.get("files", {}).items():
+        _check_key(f"files[{name!r}]", digest, _STR)
+
+
 def read_manifest(root: Path) -> Manifest:
     """Read and sanity-check `root/manifest.json`; raise CacheError with a one-line reason."""
     root = Path(root)
@@ -85,12 +144,16 @@ def read_manifest(root: Path) -> Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, got {type(data).__name__}")
         # The version first: another schema may have other fields, and the version is the news.
-        version = data.get("schema_version", SCHEMA_VERSION)
+        if "schema_version" not in data:
+            raise ValueError(f"the required key 'schema_version' ({_INT}) is missing")
+        _check_key("key 'schema_version'", data["schema_version"], _INT)
+        version = data["schema_version"]
         if version != SCHEMA_VERSION:
             raise CacheError(
                 f"{root} has cache schema version {version}, this diffret reads "
                 f"version {SCHEMA_VERSION}; re-run `diffret extract` to rebuild it"
             )
+        check_manifest_dict(data)
         manifest = Manifest.from_dict(data)
     except (ValueError, TypeError) as e:
         raise CacheError(f"{path} is not a valid cache manifest: {e}") from None
@@ -131,3 +194,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_checksums(root: Path) -> dict[str, str]:
+    """{name: sha256} of the CHECKSUMMED_FILES that `root` holds: what `Manifest.files` records.
+    Call it when those files are final, right before the manifest is written."""
+    root = Path(root)
+    return {name: sha256_file(root / name) for name in CHECKSUMMED_FILES if (root / name).is_file()}

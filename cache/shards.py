@@ -5,7 +5,10 @@ per video). It is written under a temporary name and renamed only once complete 
 so a visible shard is always a whole one. Layout per kind:
 
     text  : sentence [N, D] f16, words [N, L, D] f16, word_mask [N, L] u8, word_logits [N, L] f16
-    video : frames [N, F, D] f16, frame_mask [N, F] u8, frame_logits [N, F] f16
+    video : frames [N, F, D] f16, frame_mask [N, F] u8, frame_logits [N, F] f16, frame_times [N, F] f32
+
+frame_times (each sampled frame's decoded timestamp in seconds, -1 in padded slots) is newer than
+the other datasets: a shard written before it lacks it, and reads as all -1 (OPTIONAL_FIELDS).
 """
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ import numpy as np
 from .atomic import atomic_write
 
 TEXT_FIELDS = ("sentence", "words", "word_mask", "word_logits")
-VIDEO_FIELDS = ("frames", "frame_mask", "frame_logits")
+VIDEO_FIELDS = ("frames", "frame_mask", "frame_logits", "frame_times")
 FIELDS = {"text": TEXT_FIELDS, "video": VIDEO_FIELDS}
 MASK_FIELDS = ("word_mask", "frame_mask")
+TIME_FIELDS = ("frame_times",)  # float32 seconds whatever the cache's float dtype; -1: no time (padded slot)
+OPTIONAL_FIELDS = {"frame_times": -1.0}  # absent from older shards: read as this value
 ROW_CHUNK = 256  # rows per HDF5 chunk
 
 
@@ -29,6 +34,8 @@ def shard_name(kind: str, split: str, index: int) -> str:
 
 
 def field_dtype(name: str, float_dtype: str = "float16") -> np.dtype:
+    if name in TIME_FIELDS:
+        return np.dtype(np.float32)
     return np.dtype(np.uint8) if name in MASK_FIELDS else np.dtype(float_dtype)
 
 
@@ -84,6 +91,10 @@ def read_shard_into(path: Path, out: dict[str, np.ndarray], start: int) -> int:
     with h5py.File(path, "r") as f, open(path, "rb", buffering=0) as raw:
         rows = None
         for name, dest in out.items():
+            if name not in f and name in OPTIONAL_FIELDS:  # a shard older than the field
+                rows = int(f.attrs.get("rows", 0))
+                dest[start:start + rows] = OPTIONAL_FIELDS[name]
+                continue
             ds = f[name]
             rows = ds.shape[0]
             if not rows:

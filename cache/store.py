@@ -5,6 +5,7 @@ On disk (see docs/cache.md):
     manifest.json                 schema version, widths, model fingerprint, config, shards
     captions.parquet              caption_id, video_id, caption, split, shard, row, n_words
     videos.parquet                video_id, split, path, shard, row, n_frames
+    (video shards also hold frame_times [M, F] float32: decoded timestamps, -1 in padded slots)
     shards/{text,video}-<split>-<nnnnn>.h5
 
 Rows of a split are stored in order across its shards; `row` is the row inside `shard`.
@@ -53,6 +54,7 @@ class VideoFeatures:
     frames: np.ndarray  # [M, F, D] frame tokens after the temporal transformer, padded
     frame_mask: np.ndarray  # [M, F] bool
     frame_logits: np.ndarray  # [M, F] frame-weight logits
+    frame_times: np.ndarray | None = None  # [M, F] float32 decoded timestamps (s); -1: padded slot or unknown
 
     def __len__(self) -> int:
         return len(self.video_id)
@@ -98,7 +100,7 @@ class CacheReader:
         m = self.manifest
         tail = {"sentence": (m.width,), "words": (m.n_words, m.width), "word_mask": (m.n_words,),
                 "word_logits": (m.n_words,), "frames": (m.n_frames, m.width), "frame_mask": (m.n_frames,),
-                "frame_logits": (m.n_frames,)}
+                "frame_logits": (m.n_frames,), "frame_times": (m.n_frames,)}
         # One preallocated array per field; each shard is read straight into its rows.
         arrays = {k: np.empty((n,) + tail[k], field_dtype(k, m.dtype)) for k in FIELDS[kind]}
         start = 0

@@ -2,11 +2,14 @@
 
 Checks, in order: the manifest (schema version, fields); the Parquet index files and their
 columns; every shard listed in the manifest (present, sha256 as recorded at write time, the
-datasets of its kind with the manifest's shapes and dtypes, finite values, masks that are 0/1
+datasets of its kind with the manifest's shapes and dtypes (frame_times: float32 [rows, F]; absent
+from shards older than it), finite values, masks that are 0/1
 with the valid slots first and at least one of them); row counts (shards vs index vs
 manifest.splits); index <-> tensor consistency (every index row points at an existing row of a
 shard of its kind and split, in write order, n_words / n_frames equal to the masks, ids unique,
-every caption's video in the same split); failures.parquet. Stray files are reported as notes.
+every caption's video in the same split); failures.parquet; last, the sha256 of every other file
+the manifest records (`files`: the index files, failures.parquet, stage1.pt), each file of those
+names in the folder being recorded. Stray files are reported as notes.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import pyarrow.parquet as pq
 
 from .journal import PROGRESS_DIR
 from .layout import CAPTION_SCHEMA, CAPTIONS_FILE, FAILURE_SCHEMA, FAILURES_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE
-from .manifest import MANIFEST_NAME, CacheError, Manifest, read_manifest, sha256_file
-from .shards import FIELDS, MASK_FIELDS, field_dtype
+from .manifest import CHECKSUMMED_FILES, MANIFEST_NAME, CacheError, Manifest, read_manifest, sha256_file
+from .shards import FIELDS, MASK_FIELDS, OPTIONAL_FIELDS, field_dtype
 
 INDEX = {"text": (CAPTIONS_FILE, CAPTION_SCHEMA, "n_words", "word_mask"),
          "video": (VIDEOS_FILE, VIDEO_SCHEMA, "n_frames", "frame_mask")}
@@ -29,7 +32,7 @@ def _tail(m: Manifest, name: str) -> tuple[int, ...]:
     """Shape of one row of dataset `name` according to the manifest."""
     return {"sentence": (m.width,), "words": (m.n_words, m.width), "word_mask": (m.n_words,),
             "word_logits": (m.n_words,), "frames": (m.n_frames, m.width), "frame_mask": (m.n_frames,),
-            "frame_logits": (m.n_frames,)}[name]
+            "frame_logits": (m.n_frames,), "frame_times": (m.n_frames,)}[name]
 
 
 def _read_index(root: Path, name: str, schema) -> list[dict]:
@@ -62,6 +65,8 @@ def _check_shard(root: Path, m: Manifest, rec) -> dict[str, np.ndarray]:
     try:
         with h5py.File(path, "r") as f:
             for name in FIELDS[rec.kind]:
+                if name not in f and name in OPTIONAL_FIELDS:  # a shard written before the field existed
+                    continue
                 if name not in f:
                     raise CacheError(f"{root}: {where} has no dataset {name!r}")
                 ds = f[name]
@@ -87,6 +92,22 @@ def _check_shard(root: Path, m: Manifest, rec) -> dict[str, np.ndarray]:
     except OSError as e:
         raise CacheError(f"{root}: {where} is not readable HDF5 ({str(e).splitlines()[0]})") from None
     return counts
+
+
+def _check_files(root: Path, m: Manifest) -> None:
+    """Every file `m.files` records is there with its sha256; every checksummed file present is recorded."""
+    for name in CHECKSUMMED_FILES:
+        if (root / name).is_file() and name not in m.files:
+            raise CacheError(f"{root}: the manifest records no sha256 of {name}, so it cannot be checked; "
+                             f"re-run `diffret extract` to rebuild the cache")
+    for name, digest in m.files.items():
+        path = root / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CacheError(f"{root}: the manifest lists the file {name!r}, which is outside the cache")
+        if not path.is_file():
+            raise CacheError(f"{root}: {name} is missing")
+        if sha256_file(path) != digest:
+            raise CacheError(f"{root}: {name} is corrupted: its sha256 differs from the one recorded when it was written")
 
 
 def verify_cache(root: Path, progress=None) -> dict:
@@ -148,6 +169,7 @@ def verify_cache(root: Path, progress=None) -> dict:
     if m.splits and {s: dict(c) for s, c in m.splits.items()} != splits:
         raise CacheError(f"{root}: the manifest counts {m.splits} but the index holds {splits}")
     failures = _read_index(root, FAILURES_FILE, FAILURE_SCHEMA)
+    _check_files(root, m)  # after the checks above, which name what is wrong more precisely
 
     notes = []
     listed = {Path(f).name for f in files}

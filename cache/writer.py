@@ -5,7 +5,8 @@ ends a shard early with `end_shard`). Each shard is written under a temporary na
 and then recorded in the progress journal (journal.py). With `resume=True` a writer picks up
 the journal of an interrupted run: finished shards are kept (after checking their checksums)
 and numbering continues after them, so feeding it the remaining rows gives the same cache as
-an uninterrupted run. `close()` writes the index, `failures.parquet` and, last, the manifest.
+an uninterrupted run. `close()` writes the index, `failures.parquet` and, last, the manifest
+(with the sha256 of every shard and of every other file it trusts: manifest.file_checksums).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import numpy as np
 from .atomic import is_temp_name
 from .journal import Journal, fault_point
 from .layout import CAPTION_SCHEMA, CAPTIONS_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, write_failures, write_table
-from .manifest import CacheError, Manifest, ShardRecord, sha256_file, write_manifest
-from .shards import FIELDS, shard_name, write_shard
+from .manifest import CacheError, Manifest, ShardRecord, file_checksums, sha256_file, write_manifest
+from .shards import FIELDS, MASK_FIELDS, field_dtype, shard_name, write_shard
 
 
 @dataclass
@@ -147,9 +148,12 @@ class CacheWriter:
         ]
         self._add("text", split, arrays, rows)
 
-    def add_video(self, split, video_ids, paths, frames, frame_mask, frame_logits):
-        """Append video rows: lists of length M and arrays [M, ...] (see store.VideoFeatures)."""
-        arrays = dict(frames=frames, frame_mask=frame_mask, frame_logits=frame_logits)
+    def add_video(self, split, video_ids, paths, frames, frame_mask, frame_logits, frame_times=None):
+        """Append video rows: lists of length M and arrays [M, ...] (see store.VideoFeatures).
+        `frame_times` [M, F]: each frame's decoded timestamp (seconds), -1 in padded slots; None: all -1."""
+        if frame_times is None:
+            frame_times = np.full(np.shape(frame_mask), -1.0, np.float32)
+        arrays = dict(frames=frames, frame_mask=frame_mask, frame_logits=frame_logits, frame_times=frame_times)
         rows = [
             {"video_id": str(v), "split": split, "path": str(p), "n_frames": int(m.sum())}
             for v, p, m in zip(video_ids, paths, np.asarray(frame_mask))
@@ -165,10 +169,23 @@ class CacheWriter:
     def _add(self, kind, split, arrays, rows):
         pend = self._pending.setdefault((kind, split), _Pending())
         n = len(rows)
+        checked = {}
         for name in FIELDS[kind]:
             a = np.asarray(arrays[name])
             if len(a) != n:
                 raise ValueError(f"{name} has {len(a)} rows, expected {n}")
+            if name not in MASK_FIELDS:  # as stored: a float32 beyond float16's range becomes inf there
+                with np.errstate(over="ignore"):
+                    stored = a.astype(field_dtype(name, self.manifest.dtype), copy=False)
+                bad = ~np.isfinite(stored).reshape(n, -1).all(1)
+                if bad.any():
+                    row = rows[int(np.argmax(bad))]
+                    key = "caption_id" if kind == "text" else "video_id"
+                    raise CacheError(f"refusing to write non-finite features: {name} of {key} {row[key]!r} ({split} "
+                                     f"split; {int(bad.sum())} of {n} rows) holds NaN or inf, or a value beyond "
+                                     f"{self.manifest.dtype}")
+            checked[name] = a
+        for name, a in checked.items():  # nothing is appended unless every field is fine
             pend.arrays.setdefault(name, []).append(a)
         pend.index_rows.extend(rows)
         while len(pend.index_rows) > self.shard_rows:  # a full shard waits for end_shard, close or more rows
@@ -216,8 +233,9 @@ class CacheWriter:
         shards: list[ShardRecord] = []
         for (kind, split), entries in sorted(self._done.items()):
             for e in entries:
-                if e["file"]:
-                    shards.append(ShardRecord(file=e["file"], kind=kind, split=split, rows=e["rows"], sha256=e["sha256"]))
+                if not e["file"]:  # a window whose every item failed: no shard, no index rows
+                    continue
+                shards.append(ShardRecord(file=e["file"], kind=kind, split=split, rows=e["rows"], sha256=e["sha256"]))
                 name = Path(e["file"]).name
                 tables[kind].extend({**r, "shard": name, "row": i} for i, r in enumerate(e["index_rows"]))
         in_cache = {r["video_id"] for r in tables["video"]}
@@ -233,6 +251,7 @@ class CacheWriter:
             write_table(self.root / VIDEOS_FILE, tables["video"], VIDEO_SCHEMA)
             write_failures(self.root, failures)
             fault_point("close")
+            self.manifest.files = file_checksums(self.root)  # the index files above, stage1.pt if present
             write_manifest(self.root, self.manifest)
         except OSError as e:
             raise _io_error(f"the index or manifest of {self.root}", e) from None

@@ -20,14 +20,14 @@ import numpy as np
 import torch
 
 from diffret.cache.atomic import atomic_open
+from diffret.cache.layout import STAGE1_FILE, TRAIN_STATE_FILE
 
 from .backbone import ACTIVATIONS, activation_of, build_clip, clip_mean_std, image_size, name_activation
 from .config import ExtractConfig
 from .model import Stage1Model, fingerprint
 from .video import FrameSpec
 
-STAGE1_NAME = "stage1.pt"
-TRAIN_STATE_NAME = "train-state.pt"
+STAGE1_NAME, TRAIN_STATE_NAME = STAGE1_FILE, TRAIN_STATE_FILE  # cache/layout.py: what a cache folder holds
 
 
 class CheckpointError(RuntimeError):

@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from diffret.cache.numbers import check_numbers
 from diffret.cache.wti import WTI_PADDINGS, check_padding
 
 from .annotations import dataset_names
@@ -22,8 +23,10 @@ DEFAULT_SLOTS = (12, 32)
 LOSSES = ("infonce", "dsl")
 
 # Frame sampling rules (video.sample_frame_indices): "original" = DiffusionRet's OpenCV loader
-# (integer frame rate, floor(linspace) subsampling); "exact" = the float rate and rounding.
-FRAME_RULES = ("original", "exact")
+# (integer frame rate, floor(linspace) subsampling); "exact" = the float rate and rounding (both pick
+# frames by index at the average rate); "timestamps" = by decoded time (video.sample_by_time), for
+# variable-frame-rate videos.
+FRAME_RULES = ("original", "exact", "timestamps")
 # What a padded frame slot holds before the temporal transformer (model.Stage1Model.encode_video):
 # "zero-frame" = the CLS feature of an all-zero normalised frame (the original); "zero-feature" = 0.
 FRAME_PADDINGS = ("zero-frame", "zero-feature")
@@ -76,6 +79,14 @@ def check_sampling(rule: str, target_fps: float | None, end_second: int | None) 
         raise ValueError(f"the last second sampled must be a whole number >= 0 or None, got {end_second!r}")
 
 
+# The range of each number of ExtractConfig (cache/numbers.py: every number must also be finite).
+NUMBER_RULES = {
+    "epochs": ">=0", "batch_size": ">=1", "lr": ">0", "clip_lr_scale": ">=0", "weight_decay": ">=0",
+    "adam_betas": "[0,1)", "adam_eps": ">0", "warmup": "[0,1]", "grad_clip": ">0", "dsl_temp": ">0",
+    "temporal_layers": ">=0", "workers": ">=0", "seed": ">=0", "shard_rows": ">=1", "decode_timeout": ">0",
+}
+
+
 @dataclass
 class ExtractConfig:
     """Everything that decides what `diffret extract` writes (defaults: the original recipe)."""
@@ -103,9 +114,9 @@ class ExtractConfig:
         "flag": "--fps", "parse": _parse_fps, "format": lambda v: "uniform" if v is None else f"{v:g}",
         "help": "Sampling rate before subsampling; 'uniform' spreads --frames over the video."})
     frame_rule: str = field(default="original", metadata={  # see video.sample_frame_indices
-        "choices": FRAME_RULES,
-        "help": "Which frames: the original's (integer frame rate, 29.97 -> 29; floor(linspace) subsampling) or "
-                "exact (the float rate, rounded)."})
+        "choices": FRAME_RULES, "metavar": "RULE",
+        "help": "Which frames: original (integer fps, 29.97 -> 29; floor(linspace)), exact (float fps, rounded) or "
+                "timestamps (nearest decoded time: variable-rate videos)."})
     frame_padding: str = field(default="zero-frame", metadata={
         "choices": FRAME_PADDINGS, "metavar": "KIND",
         "help": "Padded frame slots: the CLS feature of an all-zero normalised frame (zero-frame, the original) or "
@@ -147,6 +158,7 @@ class ExtractConfig:
                 "--pretrained are taken from it."})
 
     def __post_init__(self):
+        check_numbers(self, NUMBER_RULES)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; known: {', '.join(LOSSES)}")
         if self.frames < 1 or self.words < 3:

@@ -14,34 +14,38 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .video import FrameSpec, VideoDecodeError, read_frames
+from .video import FrameSpec, VideoDecodeError, read_frames_timed
 
-def _decode(path: Path, spec: FrameSpec, timeout: float | None) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _decode(path: Path, spec: FrameSpec, timeout: float | None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]:
     try:
-        frames, mask = read_frames(path, spec, timeout=timeout)
-        return frames, mask, ""
+        frames, mask, times = read_frames_timed(path, spec, timeout=timeout)
+        return frames, mask, times, ""
     except VideoDecodeError as e:
         reason = e.reason
     except Exception as e:  # decoder bugs on odd files: record, never crash the run
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
     blank = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
-    return blank, torch.zeros(spec.n_frames, dtype=torch.bool), reason or "unreadable"
+    return (blank, torch.zeros(spec.n_frames, dtype=torch.bool), torch.full((spec.n_frames,), -1.0),
+            reason or "unreadable")
 
 
 class VideoClips(Dataset):
-    """Item i = (frames uint8 [F, 3, S, S], mask bool [F], i, reason) for paths[i]."""
+    """Item i = (frames uint8 [F, 3, S, S], mask bool [F], i, reason) for paths[i]; with `times`,
+    (frames, mask, times float32 [F] (decoded timestamps, seconds; -1 in padded slots), i, reason)."""
 
-    def __init__(self, paths: list[Path], spec: FrameSpec, timeout: float | None):
+    def __init__(self, paths: list[Path], spec: FrameSpec, timeout: float | None, times: bool = False):
         self.paths = list(paths)
         self.spec = spec
         self.timeout = timeout
+        self.times = times
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        frames, mask, reason = _decode(self.paths[i], self.spec, self.timeout)
-        return frames, mask, i, reason
+        frames, mask, times, reason = _decode(self.paths[i], self.spec, self.timeout)
+        return (frames, mask, times, i, reason) if self.times else (frames, mask, i, reason)
 
 
 def _worker_init(_):
@@ -82,15 +86,16 @@ def window_batches(n: int, window: int, batch_size: int, first_window: int = 0) 
 
 
 def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=False, seed=0, drop_last=False, *,
-                 timeout: float | None, batches: list[list[int]] | None = None):
+                 timeout: float | None, batches: list[list[int]] | None = None, times: bool = False):
     """DataLoader over VideoClips; `workers` decoding processes, one decoding thread each.
-    `batches` (lists of indices into `paths`) replaces batch_size / shuffle / drop_last."""
+    `batches` (lists of indices into `paths`) replaces batch_size / shuffle / drop_last; `times`
+    adds the frames' decoded timestamps to each batch (see VideoClips)."""
     g = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, worker_init_fn=_worker_init, persistent_workers=False,
                   pin_memory=torch.cuda.is_available())
     if batches is not None:
-        return DataLoader(VideoClips(paths, spec, timeout), batch_sampler=batches, **common)
+        return DataLoader(VideoClips(paths, spec, timeout, times), batch_sampler=batches, **common)
     return DataLoader(
-        VideoClips(paths, spec, timeout), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
+        VideoClips(paths, spec, timeout, times), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
         **common,
     )

@@ -7,7 +7,8 @@ dies on its own (a decoder crash) is replaced too; either way the video gets a o
 and the run goes on. The helper only demuxes and decodes (decord / PyAV into NumPy, no torch);
 it dies with its parent (PR_SET_PDEATHSIG on Linux) or when its request pipe closes.
 Frames cross the pipe as their raw bytes after a small pickled header (shape, dtype), read
-straight into the array the caller gets: no pickling of pixels, no intermediate copies.
+straight into the array the caller gets: no pickling of pixels, no intermediate copies; their
+decoded timestamps (float32 [k]) follow the same way.
 """
 from __future__ import annotations
 
@@ -72,16 +73,20 @@ def _read(fd: int, deadline: float | None = None):
     return pickle.loads(_read_exact(fd, n, deadline))
 
 
-def _send_frames(fd: int, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr)
-    _write(fd, ("ok", arr.shape, arr.dtype.str))
+def _send_frames(fd: int, arr: np.ndarray, times: np.ndarray) -> None:
+    arr, times = np.ascontiguousarray(arr), np.ascontiguousarray(times, np.float32)
+    _write(fd, ("ok", arr.shape, arr.dtype.str, len(times)))
     _write_all(fd, arr)
+    _write_all(fd, times)
 
 
-def _receive_frames(fd: int, shape, dtype: str, deadline: float | None) -> np.ndarray:
+def _receive_frames(fd: int, shape, dtype: str, n_times: int, deadline: float | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     arr = np.empty(shape, np.dtype(dtype))
     _read_into(fd, memoryview(arr).cast("B"), deadline)
-    return arr
+    times = np.empty(n_times, np.float32)
+    _read_into(fd, memoryview(times).cast("B"), deadline)
+    return arr, times
 
 
 def _die_with_parent() -> None:
@@ -94,7 +99,7 @@ def _die_with_parent() -> None:
 
 
 def _serve(requests: int, results: int) -> None:
-    """The helper's loop: (path, spec) in; ("ok", shape, dtype) + the frames' bytes, or
+    """The helper's loop: (path, spec) in; ("ok", shape, dtype, k) + the frames' and timestamps' bytes, or
     ("err", reason), out; until EOF."""
     while True:
         try:
@@ -102,13 +107,13 @@ def _serve(requests: int, results: int) -> None:
         except _Closed:
             return
         try:
-            arr = _video.decode_uint8(Path(path), spec)
+            arr, times = _video.decode_uint8(Path(path), spec)
         except _video.VideoDecodeError as e:
             _write(results, ("err", e.reason))
         except BaseException as e:  # noqa: BLE001  (decoder bugs on odd files)
             _write(results, ("err", f"{type(e).__name__}: {_video.first_line(e)}"))
         else:
-            _send_frames(results, arr)
+            _send_frames(results, arr, times)
 
 
 class _Helper:
@@ -149,7 +154,7 @@ class _Helper:
         self.pid = None
         return status
 
-    def decode(self, path: Path, spec, timeout: float) -> np.ndarray:
+    def decode(self, path: Path, spec, timeout: float) -> tuple[np.ndarray, np.ndarray]:
         if self.pid is not None and self.owner != os.getpid():  # inherited through a fork: not ours
             os.close(self.requests)
             os.close(self.results)
@@ -183,8 +188,9 @@ def stop_helper() -> None:
         _helper.stop(kill=True)
 
 
-def decode_bounded(path: Path, spec, timeout: float) -> np.ndarray:
-    """The sampled frames of `path` as uint8 [k, H, W, 3], decoded by the helper process within
+def decode_bounded(path: Path, spec, timeout: float) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled frames of `path` as uint8 [k, H, W, 3] and their timestamps (float32 [k], seconds),
+    decoded by the helper process within
     `timeout` seconds; VideoDecodeError otherwise. Without fork (Windows), decodes in-process."""
     if not hasattr(os, "fork"):
         return _video.decode_uint8(Path(path), spec)

@@ -19,11 +19,10 @@ import pyarrow.parquet as pq
 from diffret.cache.atomic import atomic_write_text
 from diffret.cache.journal import Journal
 from diffret.cache.layout import (
-    CAPTION_SCHEMA, CAPTIONS_FILE, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, read_failures, write_failures, write_table,
+    CAPTION_SCHEMA, CAPTIONS_FILE, PARTS_DIR, SHARD_DIR, VIDEO_SCHEMA, VIDEOS_FILE, read_failures, write_failures,
+    write_table,
 )
-from diffret.cache.manifest import CacheError, Manifest, ShardRecord, read_manifest, write_manifest
-
-PARTS_DIR = "parts"
+from diffret.cache.manifest import CacheError, Manifest, ShardRecord, file_checksums, read_manifest, write_manifest
 
 
 def part_dir(out: Path, rank: int) -> Path:
@@ -90,6 +89,7 @@ def merge_parts(out: Path, world: int) -> Manifest:
     in_cache = {row["video_id"] for row in rows[VIDEOS_FILE]}  # a failure in training, read fine in the dump
     write_failures(out, sorted(f for v, f in failures.items() if v not in in_cache))
     base.shards, base.splits = shards, dict(sorted(splits.items()))
+    base.files = file_checksums(out)  # the merged index files and OUT/stage1.pt (rank 0 wrote it before the dump)
     write_manifest(out, base)  # last: from here on OUT is a complete cache
     shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
     Journal(out).clear()  # the run's settings, kept there while it was unfinished

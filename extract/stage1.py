@@ -1,13 +1,15 @@
 """`diffret extract` end to end: annotations -> stage-1 model -> fine-tune -> checkpoint -> cache."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
-from diffret.cache.manifest import Manifest
-from diffret.cache.layout import FAILURES_FILE, read_failures
+from diffret.cache.manifest import MANIFEST_NAME, Manifest
+from diffret.cache.layout import FAILURES_FILE, read_failures, write_failures
+from diffret.cache.lock import OutputLock
 from diffret.cache.writer import CacheWriter
 
 from .annotations import load_annotations
@@ -15,7 +17,10 @@ from .backbone import activation_of, get_tokenizer
 from .checkpoint import resolve_stage1_config
 from .config import ExtractConfig, recipe_mismatch
 from .data import threads_beside_workers
-from .dump import check_output, dump_texts, dump_videos, start_output
+from .dump import (
+    COMPLETE, cached_inputs_changed, check_output, check_split_videos, dump_texts, dump_videos, input_fingerprint,
+    start_output,
+)
 from .distributed import DistInfo, all_gather_objects, barrier, init_distributed, on_main, rank_slice
 from .finetune import stage1_model
 from .merge import merge_parts, part_dir, prepare_parts
@@ -49,11 +54,43 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
     cfg = resolve_stage1_config(cfg)  # --stage1: the model comes from that checkpoint
     info = init_distributed(resolve_device(cfg.device).type)
     device = resolve_device(cfg.device, info)
-    resume = on_main(lambda: check_output(out, overwrite, mismatch=lambda saved: recipe_mismatch(saved, cfg)), info)
-    ann = load_annotations(cfg.dataset, cfg.data_root, video_dir=cfg.video_dir)
+    held: list[OutputLock] = []  # one writer per folder: rank 0 locks `out` for the whole job (cache/lock.py)
+    on_main(lambda: held.append(OutputLock(out, log=log).acquire()), info)
+    try:
+        return _extract(cfg, out, overwrite, progress, log, resume_training, info, device)
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def _extract(cfg: ExtractConfig, out: Path, overwrite: bool, progress, log, resume_training: bool, info: DistInfo,
+             device: torch.device) -> dict:
+    """run_stage1 once `out` is locked: check it, fine-tune, dump, merge the parts."""
+    loaded: dict = {}  # the annotations and the fingerprint of the inputs, read once when first needed
+
+    def annotations():
+        if "ann" not in loaded:
+            loaded["ann"] = load_annotations(cfg.dataset, cfg.data_root, video_dir=cfg.video_dir)
+        return loaded["ann"]
+
+    def inputs() -> dict:  # reads the annotation files, stats the videos (see dump.input_fingerprint)
+        if "inputs" not in loaded:
+            loaded["inputs"] = input_fingerprint(cfg.data_root, annotations().videos.values())
+        return loaded["inputs"]
+
+    resume = on_main(lambda: check_output(out, overwrite, mismatch=lambda saved: recipe_mismatch(saved, cfg),
+                                          inputs=inputs, complete_changed=lambda o: cached_inputs_changed(
+                                              o, annotations())), info)
+    if resume == COMPLETE:  # the same command on its finished cache: a no-op, so that re-running it is safe
+        log(f"{out} is already complete (same settings, same captions): nothing to do")
+        splits = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8")).get("splits") or {}
+        return {"cache": str(out), "complete": True, "splits": splits, "failed": len(read_failures(out)),
+                "failures_file": str(out / FAILURES_FILE), "seconds": 0.0, "device": str(device)}
+    ann = annotations()
     if not ann.split("train") and cfg.epochs > 0:
         raise ExtractError(f"{cfg.data_root} has no training captions to fine-tune on (use --epochs 0)")
-    on_main(lambda: start_output(out, cfg.to_dict(), resume, log), info)  # nothing is written before this line
+    on_main(lambda: check_split_videos(ann, ("train", "test"), inputs()), info)  # before fine-tuning
+    on_main(lambda: start_output(out, cfg.to_dict(), resume, log, inputs=inputs()), info)  # nothing written before
     tokenizer = get_tokenizer(cfg.model)
     t0 = time.time()
 
@@ -89,6 +126,11 @@ def run_stage1(cfg: ExtractConfig, out: Path, overwrite: bool = False, progress=
             )
         for part in all_gather_objects(done, info):
             failed_videos.update(part)
+        if vids and all(v in failed_videos for v in vids):  # nothing of this split to cache: stop, say where to look
+            rows = sorted((v, str(ann.videos.get(v, "")), failed_videos[v]) for v in vids)
+            on_main(lambda: write_failures(out, rows), info)
+            raise ExtractError(f"none of the {len(vids)} {split} videos could be decoded; the reasons are in "
+                               f"{out / FAILURES_FILE}")
         caps = [c for c in caps if c.video_id not in failed_videos]
         my_caps = caps[rank_slice(len(caps), info)]
         tokens = tokenizer([c.text for c in my_caps], context_length=cfg.words)

@@ -3,7 +3,8 @@
 `read_frames` opens one file, samples up to `n_frames` frames (by the original DiffusionRet's
 rule by default, see sample_frame_indices), resizes their shortest side to
 `size` (bicubic, antialiased, as PIL/torchvision do for CLIP) and centre-crops them, returning
-uint8 frames plus a mask for the padded slots. Frames decord 0.6 cannot deliver (its
+uint8 frames plus a mask for the padded slots (read_frames_timed: and every sampled frame's decoded
+timestamp; rule "timestamps" picks frames by those times, see sample_by_time). Frames decord 0.6 cannot deliver (its
 width-alignment bug, some damaged streams) are decoded again with PyAV. With a `timeout`, the
 decoding runs in a helper process that is killed when it overruns (decord can hang on damaged
 files) or that dies on its own (a decoder crash): either becomes a one-line reason, never a
@@ -44,7 +45,7 @@ class FrameSpec:
     target_fps: float | None = 1.0  # None: uniform over the whole video (see sample_frame_indices)
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
-    rule: str = "original"  # original | exact (see sample_frame_indices)
+    rule: str = "original"  # original | exact (see sample_frame_indices) | timestamps (see sample_by_time)
     end_second: int | None = None  # sample seconds 0..end_second only; None: the whole video
 
     def __post_init__(self):
@@ -85,6 +86,8 @@ def sample_frame_indices(
     if n_frames < 1:
         raise ValueError(f"n_frames must be >= 1, got {n_frames}")
     check_sampling(rule, target_fps, end_second)
+    if rule == "timestamps":
+        raise ValueError("the timestamps rule samples by decoded time: use sample_by_time")
     if (target_fps is not None or end_second is not None) and not (math.isfinite(native_fps) and native_fps > 0):
         raise ValueError(f"need native_fps > 0, got {native_fps}")
     if rule == "original":
@@ -103,6 +106,45 @@ def sample_frame_indices(
     if len(cand) > n_frames:
         cand = cand[np.rint(np.linspace(0, len(cand) - 1, n_frames)).astype(np.int64)]
     return [int(i) for i in cand]
+
+
+def sample_by_time(times, n_frames: int, target_fps: float | None = 1.0, end_second: int | None = None) -> list[int]:
+    """Rule "timestamps": sorted, distinct indices of the frames whose decoded timestamps `times`
+    (seconds, one per frame in decoding order) are nearest each target time; for variable-frame-rate
+    videos, where a frame's index says little about its time.
+
+    Target times: 0, 1/target_fps, 2/target_fps, ... up to the last frame's timestamp (and before
+    end_second + 1), subsampled to `n_frames` with round(linspace) as the exact rule does; target_fps
+    None: `n_frames` times spread uniformly from the first to the last timestamp (up to end_second + 1).
+    A frame nearest several targets is taken once (ties: the earlier frame).
+    """
+    t = np.asarray(times, dtype=np.float64).reshape(-1)
+    if len(t) < 1:
+        raise ValueError("no frames")
+    if n_frames < 1:
+        raise ValueError(f"n_frames must be >= 1, got {n_frames}")
+    check_sampling("timestamps", target_fps, end_second)
+    if not np.isfinite(t).all():
+        raise ValueError("non-finite frame timestamps")
+    order = np.argsort(t, kind="stable")  # decoding order is presentation order, except B-frame oddities
+    ts = t[order]
+    first, last = ts[0], ts[-1]
+    if end_second is not None:
+        last = min(last, float(end_second + 1))
+    if target_fps is None:
+        targets = np.linspace(first, last, n_frames) if last > first else np.array([first])
+    else:
+        targets = np.arange(0, math.floor(max(0.0, last) * target_fps) + 1) / target_fps
+        if end_second is not None:
+            targets = targets[targets < end_second + 1]
+        if len(targets) == 0:
+            targets = np.array([first])
+        if len(targets) > n_frames:
+            targets = targets[np.rint(np.linspace(0, len(targets) - 1, n_frames)).astype(np.int64)]
+    pos = np.clip(np.searchsorted(ts, targets), 1, len(ts) - 1) if len(ts) > 1 else np.zeros(len(targets), np.int64)
+    if len(ts) > 1:
+        pos = np.where(np.abs(ts[pos - 1] - targets) <= np.abs(ts[pos] - targets), pos - 1, pos)
+    return sorted({int(order[p]) for p in pos})
 
 
 def _original_indices(total: int, native_fps: float, n_frames: int, target_fps: float | None,
@@ -135,8 +177,9 @@ def first_line(e: BaseException) -> str:
     return (line or type(e).__name__)[:200]
 
 
-def decode_uint8(path: Path, spec: FrameSpec) -> np.ndarray:
-    """The sampled frames of `path` as uint8 [k, H, W, 3] (RGB), k <= spec.n_frames."""
+def decode_uint8(path: Path, spec: FrameSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled frames of `path` as uint8 [k, H, W, 3] (RGB), k <= spec.n_frames, and their
+    decoded timestamps (start, seconds) as float32 [k], -1 where the decoder gives none."""
     import decord  # imported lazily: decord is only needed where videos are decoded
 
     if not path.is_file():
@@ -153,8 +196,17 @@ def decode_uint8(path: Path, spec: FrameSpec) -> np.ndarray:
             raise VideoDecodeError(path, "no frames")
         if (spec.target_fps is not None or spec.end_second is not None) and not (math.isfinite(fps) and fps > 0):
             raise VideoDecodeError(path, f"invalid frame rate {fps}")
-        indices = sample_frame_indices(total, fps, spec.n_frames, spec.target_fps, spec.rule, spec.end_second)
+        if spec.rule == "timestamps":  # by decoded time: every frame's timestamp (demuxed, not decoded)
+            try:
+                all_times = np.asarray(vr.get_frame_timestamp(list(range(total))), np.float64)[:, 0]
+                indices = sample_by_time(all_times, spec.n_frames, spec.target_fps, spec.end_second)
+            except Exception as e:  # noqa: BLE001  (decord errors, non-finite timestamps)
+                raise VideoDecodeError(path, f"cannot read the frame timestamps: {first_line(e)}") from None
+        else:
+            indices = sample_frame_indices(total, fps, spec.n_frames, spec.target_fps, spec.rule, spec.end_second)
+        times = None
         try:
+            times = np.asarray(vr.get_frame_timestamp(indices), np.float64)[:, 0].astype(np.float32)
             batch = vr.get_batch(indices)
             # asnumpy() for decord's native bridge; np.asarray if someone set another bridge
             arr = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
@@ -169,10 +221,14 @@ def decode_uint8(path: Path, spec: FrameSpec) -> np.ndarray:
     if reason is not None:
         # decord 0.6 fails on some frame widths (16, 24, 48, 72 px: "from_size == to_size",
         # dmlc/decord#336) and on some damaged streams; PyAV decodes those frames instead.
-        arr = decode_pyav(path, indices)
-        if arr is None or not _good_shape(arr, len(indices)):
+        got = decode_pyav_timed(path, indices)
+        if got is None or not _good_shape(got[0], len(indices)):
             raise VideoDecodeError(path, f"cannot decode frames {indices[0]}..{indices[-1]} of {total}: {reason}")
-    return arr
+        arr, times = got
+    if times is None or len(times) != len(arr):  # no timestamps: the frames are still good
+        times = np.full(len(arr), -1.0, np.float32)
+    times = np.where(np.isfinite(times), times, -1.0).astype(np.float32)  # unknown (a frame without pts): -1
+    return arr, times
 
 
 def _good_shape(arr: np.ndarray, k: int) -> bool:
@@ -182,11 +238,17 @@ def _good_shape(arr: np.ndarray, k: int) -> bool:
 def decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
     """Frames `indices` (sorted) of `path` as uint8 [k, H, W, 3] by sequential PyAV decoding;
     None if PyAV is missing, cannot decode the file, or the stream ends before the last index."""
+    got = decode_pyav_timed(path, indices)
+    return None if got is None else got[0]
+
+
+def decode_pyav_timed(path: Path, indices: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """decode_pyav, plus the frames' timestamps (frame.pts * time_base, seconds) as float32 [k]."""
     try:
         import av
     except ImportError:
         return None
-    want, last, out = set(indices), indices[-1], {}
+    want, last, out, when = set(indices), indices[-1], {}, {}
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
@@ -194,13 +256,15 @@ def decode_pyav(path: Path, indices: list[int]) -> np.ndarray | None:
             for i, frame in enumerate(container.decode(stream)):
                 if i in want:
                     out[i] = frame.to_ndarray(format="rgb24")
+                    base = frame.time_base if frame.time_base is not None else stream.time_base
+                    when[i] = float(frame.pts * base) if frame.pts is not None and base is not None else math.nan
                 if i >= last:
                     break
     except Exception:  # av.error.FFmpegError and friends; the caller reports decord's reason
         return None
     if len(out) != len(indices):
         return None
-    return np.stack([out[i] for i in indices])
+    return np.stack([out[i] for i in indices]), np.array([when[i] for i in indices], np.float32)
 
 
 def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -232,10 +296,18 @@ def _resize_bicubic_uint8(frames: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def read_frames(path, spec: FrameSpec, timeout: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """read_frames_timed without the timestamps: (frames, mask)."""
+    frames, mask, _ = read_frames_timed(path, spec, timeout)
+    return frames, mask
+
+
+def read_frames_timed(path, spec: FrameSpec, timeout: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode, sample and crop one video.
 
     Returns (frames uint8 [n_frames, 3, size, size], mask bool [n_frames]): the first k slots
-    hold the sampled frames in time order (mask True), the rest are zeros (mask False).
+    hold the sampled frames in time order (mask True), the rest are zeros (mask False); plus
+    times float32 [n_frames]: each sampled frame's decoded timestamp (seconds), -1 in padded slots.
     Raises VideoDecodeError (one-line `reason`) for a missing, empty, unreadable or frameless file,
     and, with `timeout` (seconds), for one whose decoding overruns it or crashes the decoder.
     """
@@ -243,15 +315,17 @@ def read_frames(path, spec: FrameSpec, timeout: float | None = None) -> tuple[to
     if timeout:
         from .decoder import decode_bounded  # a helper process with a watchdog (decoder.py)
 
-        arr = decode_bounded(path, spec, timeout)
+        arr, ts = decode_bounded(path, spec, timeout)
     else:
-        arr = decode_uint8(path, spec)
+        arr, ts = decode_uint8(path, spec)
     k = arr.shape[0]
     frames = torch.zeros(spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
     frames[:k] = resize_center_crop(torch.from_numpy(arr).permute(0, 3, 1, 2), spec.size)
     mask = torch.zeros(spec.n_frames, dtype=torch.bool)
     mask[:k] = True
-    return frames, mask
+    times = torch.full((spec.n_frames,), -1.0, dtype=torch.float32)
+    times[:k] = torch.from_numpy(np.asarray(ts, np.float32))
+    return frames, mask, times
 
 
 def normalize(frames_uint8: torch.Tensor, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:

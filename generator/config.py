@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from diffret.cache.numbers import check_numbers
+
 from .candidates import NEGATIVES
+from .denoiser import MAX_TIMESTEPS
 from .losses import LOSS_KINDS, X0_KINDS
 from .schedule import SCHEDULE_KINDS, ScheduleConfig
 
@@ -15,6 +18,10 @@ from .schedule import SCHEDULE_KINDS, ScheduleConfig
 # cosine over all steps, weight decay on non-bias weights, layers start N(0, 0.02) with zero bias;
 # modern: AdamW at a constant lr, PyTorch's default initialisation
 RECIPES = ("original", "modern")
+
+# The range of each number of GeneratorConfig (cache/numbers.py: every number must also be finite);
+# validate() adds the bounds that depend on each other or on the denoisers.
+NUMBER_RULES = {"grad_clip": ">0", "temp": ">0", "seed": ">=0", "weight_decay": ">=0"}
 
 
 @dataclass
@@ -53,6 +60,10 @@ class GeneratorConfig:
 
     def validate(self) -> "GeneratorConfig":
         """Raise ValueError (one line) for a setting that cannot train; returns self."""
+        check_numbers(self, NUMBER_RULES)
+        if self.train_steps > MAX_TIMESTEPS:
+            raise ValueError(f"--steps must be at most {MAX_TIMESTEPS} (the denoisers' timestep table), "
+                             f"got {self.train_steps}")
         for name in ("schedule", "loss", "x0", "negatives", "recipe"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:

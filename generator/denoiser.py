@@ -60,10 +60,15 @@ def original_init_(module: nn.Module, std: float = 0.02) -> nn.Module:
     return module
 
 
+# Rows of the timestep table (the original's 5,000): a generator trains at most this many diffusion
+# steps T (GeneratorConfig.validate refuses more); the table is part of every saved checkpoint.
+MAX_TIMESTEPS = 5000
+
+
 class PositionalEncoding(nn.Module):
     """Sinusoidal table ``pe`` [max_len, 1, D] (a buffer), indexed by timestep."""
 
-    def __init__(self, width: int, max_len: int = 5000):
+    def __init__(self, width: int, max_len: int = MAX_TIMESTEPS):
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
         div = torch.exp(torch.arange(0, width, 2).float() * (-math.log(10000.0) / width))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from diffret.cache.manifest import CacheError
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import check_padding
 
@@ -44,14 +45,34 @@ class SplitFeatures:
         return SplitFeatures(**moved)
 
 
+FEATURE_TENSORS = ("sentence", "words", "word_logits", "frames", "frame_logits")  # checked finite on load
+
+
+def check_finite(feats: SplitFeatures, where: str, split: str, chunk: int = 4096) -> SplitFeatures:
+    """CacheError (one line naming the cache, split, tensor and row id) if a feature tensor holds
+    NaN or inf: scores from it would rank nothing right. In row blocks (words is large)."""
+    for name in FEATURE_TENSORS:
+        x = getattr(feats, name)
+        for s in range(0, len(x), chunk):
+            bad = ~torch.isfinite(x[s:s + chunk]).reshape(len(x[s:s + chunk]), -1).all(1)
+            if bad.any():
+                row = s + int(bad.nonzero()[0, 0])
+                ids, key = (feats.caption_id, "caption") if name in ("sentence", "words", "word_logits") else (
+                    feats.video_id, "video")
+                raise CacheError(f"{where}: {name} of the {split} split holds NaN or inf ({key} {ids[row]!r}); "
+                                 f"the cache is damaged: re-extract it")
+    return feats
+
+
 def load_split(cache: CacheReader | Path, split: str) -> SplitFeatures:
+    """The features of `split`, refused (CacheError) when any of them is not finite."""
     reader = cache if isinstance(cache, CacheReader) else CacheReader(cache)
     text, video = reader.text(split), reader.video(split)
     f = lambda a: torch.from_numpy(a).float()  # noqa: E731
-    return SplitFeatures(
+    return check_finite(SplitFeatures(
         caption_id=text.caption_id, caption_video=torch.from_numpy(video.index_of(text.video_id)),
         sentence=f(text.sentence), words=torch.from_numpy(text.words), word_mask=torch.from_numpy(text.word_mask),
         word_logits=f(text.word_logits), video_id=video.video_id, frames=f(video.frames),
         frame_mask=torch.from_numpy(video.frame_mask), frame_logits=f(video.frame_logits),
         wti_padding=check_padding(reader.manifest.wti_padding),
-    )
+    ), str(reader.root), split)

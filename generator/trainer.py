@@ -14,7 +14,8 @@ all epochs, betas (0.9, 0.98), eps 1e-6, weight decay 0.2 on every weight whose 
 N(0, 0.02) with zero biases. `recipe="modern"`: AdamW at a constant lr, PyTorch's default init.
 
 After every epoch the run folder gets `generator.pt`/`generator.json` (the EMA weights, what
-`evaluate` reads) and `train_state.pt` (what `--resume` continues from), each written atomically.
+`evaluate` reads) and `train_state.pt` (what `--resume` continues from), the three one atomic
+commit (checkpoint.py: a kill at any instant leaves the previous epoch's or this one's, never a mix).
 A non-finite loss or gradient stops training with an error; the last epoch's files stay intact.
 
 One concept despite its length (a little over 300 lines): the flat training loop and the
@@ -34,12 +35,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from diffret.cache.layout import foreign_files, has_cache_marker, is_empty_folder
+from diffret.cache.lock import OutputLock
+from diffret.cache.paths import check_output_path
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity
 
 from .bert_adam import BertAdam, decay_groups
 from .candidates import mine_cache_negatives, positive_first, same_video_mask, usable_candidates
-from .checkpoint import GeneratorError, load_train_state, save_generator, save_train_state
+from .checkpoint import finish_commit, load_train_state, read_meta, save_checkpoint, save_generator
+from .checkpoint import COMMIT_NAME, COMMITTED_NAMES, pending_name
 from .config import RESUMABLE, GeneratorConfig, flag
 from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters, original_init_
 from .device import resolve_device
@@ -213,9 +218,11 @@ def resume_config(out: Path, overrides: dict) -> GeneratorConfig:
     return GeneratorConfig.from_dict({**saved.to_dict(), **{k: overrides[k] for k in overrides if k in RESUMABLE}})
 
 
-def _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epochs_done, seconds, device) -> dict:
+def _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epochs_done, seconds, device,
+          candidates: int | None = None) -> dict:
     return {
         "config": cfg.to_dict(), "width": width,
+        "effective_candidates": candidates,  # K used in training (config.candidates is what was asked)
         "parameters": {"t2v": count_parameters(t2v), "v2t": count_parameters(v2t)},
         "cache": {"path": str(Path(cache_dir).resolve()), "fingerprint": reader.manifest.fingerprint,
                   "schema_version": reader.manifest.schema_version, "train_captions": n},
@@ -223,16 +230,83 @@ def _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epochs_done, seco
     }
 
 
+# ------------------------------------------------------------------ the run folder (--out)
+
+
+def run_files() -> tuple[str, ...]:
+    """Every file name train-generator writes into its --out (checkpoint.py's names, their pending copies)."""
+    names = (*COMMITTED_NAMES, COMMIT_NAME)
+    return (*names, *(pending_name(n) for n in names))
+
+
+def _names(paths: list[str], most: int = 5) -> str:
+    return ", ".join(paths[:most]) + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
+
+
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """Decide, writing nothing, whether `out` may be written -> the generator files `overwrite` replaces.
+
+    A new or empty folder is fine. A generator already there (finished or not) is refused unless
+    `resume` (train it longer) or `overwrite` (start over). A folder holding anything diffret did not
+    write is refused, naming it: a generator may share its cache's folder (cache/layout.py lists the
+    cache's files), nothing else."""
+    out = Path(out)
+    if resume and overwrite:
+        raise TrainingError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    if not out.is_dir() or is_empty_folder(out):
+        return []
+    mine = [out / n for n in run_files() if (out / n).exists()]
+    foreign = foreign_files(out, extra=run_files())
+    if not mine and not has_cache_marker(out):
+        listed = foreign or sorted(p.name for p in out.iterdir())
+        raise TrainingError(f"--out {out} is not empty and holds no diffret generator ({_names(listed)}); choose a "
+                            f"new or empty folder")
+    if foreign:
+        raise TrainingError(f"--out {out} also holds files diffret did not write ({_names(foreign)}); "
+                            + ("--overwrite removes only diffret's own files: " if overwrite else "")
+                            + "move them away or choose another folder")
+    # pending copies without a commit record are a write killed before its first commit: no generator
+    # (commit_files clears them before it writes); a commit record or a committed file is one
+    committed = [f for f in mine if f.name in (*COMMITTED_NAMES, COMMIT_NAME)]
+    if committed and not (resume or overwrite):
+        try:
+            meta = json.loads((out / COMMITTED_NAMES[1]).read_text(encoding="utf-8"))
+            done = f" ({meta['epochs_done']} of {meta['config']['epochs']} epochs done)"
+        except (OSError, ValueError, KeyError, TypeError):
+            done = ""
+        raise TrainingError(f"--out {out} already holds a generator{done}; pass --resume to train it longer or "
+                            f"--overwrite to replace it")
+    return mine if overwrite else []
+
+
 def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=None, log=print,
-                    resume: bool = False, max_steps: int | None = None) -> dict:
+                    resume: bool = False, max_steps: int | None = None, overwrite: bool = False) -> dict:
     """Train both denoisers on the cache's train split; write the checkpoint and generator.json.
 
     resume: continue the run in `out` from its last finished epoch (`cfg` must match the saved run
-    except for RESUMABLE settings; see resume_config). max_steps: stop every epoch after that many
-    steps (benchmarks/train_speed.py times a part of an epoch this way). -> the generator.json dict.
+    except for RESUMABLE settings; see resume_config). overwrite: replace a generator already in
+    `out` (check_run_folder). max_steps: stop every epoch after that many steps
+    (benchmarks/train_speed.py times a part of an epoch this way). -> the generator.json dict.
+    `out` is locked for the whole run (cache/lock.py): a second job on it is refused.
     """
+    cfg.validate()
+    check_output_path(out, "--out", folder=True)
+    with OutputLock(out, log=log):
+        replaced = check_run_folder(out, resume, overwrite)
+        if replaced:
+            CacheReader(cache_dir)  # a cache that cannot be read: refused before the old generator goes
+            log(f"--overwrite: removing the generator in {out}")
+            for p in replaced:
+                p.unlink()
+        return _train(cache_dir, out, cfg, progress, log, resume, max_steps)
+
+
+def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resume: bool,
+           max_steps: int | None) -> dict:
+    """train_generator once `out` is locked and checked."""
     t0 = time.time()
     cfg.validate()
+    check_output_path(out, "--out", folder=True)
     reader = CacheReader(cache_dir)
     if "train" not in reader.manifest.splits:
         raise TrainingError(f"{cache_dir} has no train split to train the generator on")
@@ -244,6 +318,10 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     torch.manual_seed(cfg.seed)
     feats = load_split(reader, "train").to(device)
     width, n = feats.width, len(feats.caption_id)
+    videos = len(torch.unique(feats.caption_video))
+    if videos < 2:
+        raise TrainingError(f"the train split of {cache_dir} has captions of {videos} video(s): no negatives to "
+                            f"train against (a generator needs captions of at least two videos)")
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)
     total_steps = max(1, steps_per_epoch * cfg.epochs)  # the original recipe's schedule runs over all epochs
@@ -271,6 +349,12 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     if cfg.negatives == "cache":
         pools = mine_cache_negatives(feats, cfg.candidates, device=device, progress=progress)
         pools = tuple(p.to(device) for p in pools)
+    # K per query, at most: the positive and K - 1 other videos of the batch (or of the mined pools)
+    k_used = min(cfg.candidates, min(batch, videos) if pools is None else pools[0].shape[1] + 1)
+    if k_used < cfg.candidates:
+        held = f"a batch of {batch} pairs ({videos} training videos)" if pools is None else "the mined negatives"
+        log(f"--candidates {cfg.candidates} is more than {held} can give: training uses K = {k_used} "
+            f"(recorded as effective_candidates in generator.json)")
     steps = steps_per_epoch if max_steps is None else max(0, min(steps_per_epoch, max_steps))
     final = lambda: [e.module for e in ema] if ema else [t2v, v2t]  # noqa: E731  (evaluation uses the EMA)
     meta = None
@@ -286,31 +370,33 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
                                    params, ema, pools)
             if value is not None:
                 if not math.isfinite(value):
-                    kept = (f"the checkpoint of epoch {epoch} in {out} is kept" if epoch > 0 and (
-                        Path(out) / "generator.pt").is_file() else "no checkpoint was written")
+                    # --resume only when an epoch of this run was committed (this session's or the resumed one's)
+                    advice = (f"the checkpoint of epoch {epoch} in {out} is kept; lower --lr and continue with "
+                              f"--resume" if epoch > 0 else "no epoch finished, so there is nothing to resume; "
+                              "lower --lr and run it again")
                     raise TrainingError(f"loss or gradient became {value} at epoch {epoch + 1} step {s + 1}; "
-                                        f"stopped, {kept}; lower --lr and continue with --resume")
+                                        f"stopped, {advice}")
                 total, count = total + value, count + 1
             if progress:
                 progress.update(task, advance=1, description=f"{label} loss {total / max(count, 1):.3f}")
         if progress:
             progress.remove_task(task)
+        if steps and not count:  # every batch was one video's captions: nothing was learnt
+            raise TrainingError(f"no batch of epoch {epoch + 1} had captions of two videos, so nothing was trained; "
+                                f"raise --batch-size (nothing was written for this epoch)")
         history.append(round(total / max(count, 1), 4))
         seconds = spent + time.time() - t0
-        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epoch + 1, seconds, device)
-        save_train_state(out, {
+        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epoch + 1, seconds, device, k_used)
+        save_checkpoint(out, *final(), meta, {  # one atomic commit of the epoch's three files
             "config": cfg.to_dict(), "t2v": t2v.state_dict(), "v2t": v2t.state_dict(),
             "ema": [e.state_dict() for e in ema], "optimizer": opt.state_dict(), "rng": gen.get_state(),
             "history": history, "epochs_done": epoch + 1, "seconds": seconds, "cache": meta["cache"],
         })
-        save_generator(out, *final(), meta)
     if meta is None:  # nothing left to train (epochs 0, or a finished run resumed)
         if state is not None:
             log(f"{out} already has {start} epochs; pass a larger --epochs to train longer")
-            try:
-                return json.loads((Path(out) / "generator.json").read_text())
-            except (OSError, ValueError) as e:
-                raise GeneratorError(f"cannot read {out}/generator.json: {e}") from None
-        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, 0, time.time() - t0, device)
+            finish_commit(out)  # a kill during the last commit's renames: complete them
+            return read_meta(out)
+        meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, 0, time.time() - t0, device, k_used)
         save_generator(out, *final(), meta)
     return meta

@@ -26,6 +26,8 @@ from typing import Callable
 import av
 import numpy as np
 
+from diffret.cache.numbers import check_numbers
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLOURS = {
     "red": (230, 30, 30), "orange": (255, 140, 0), "yellow": (245, 230, 30),
@@ -285,6 +287,10 @@ class DemoConfig:
     fps: int = 8
     seconds: float = 3.0
     workers: int = 2  # rendering processes
+
+    def __post_init__(self):
+        check_numbers(self, {"n_train": ">=0", "n_test": ">=0", "seed": ">=0", "size": ">=2", "fps": ">=1",
+                             "seconds": ">0", "workers": ">=0"})
 
 
 def make_demo_dataset(out, progress: Callable[[int, int], None] | None = None, **settings) -> dict:

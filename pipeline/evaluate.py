@@ -15,6 +15,7 @@ videos; videos without a test caption are distractors for t2v and are not v2t qu
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ import torch
 
 from diffret.cache.atomic import atomic_open
 from diffret.cache.manifest import CacheError, check_compatible
+from diffret.cache.numbers import check_numbers
+from diffret.cache.paths import check_output_path
 from diffret.cache.store import CacheReader
 from diffret.cache.wti import wti_similarity_chunked
 from diffret.generator.checkpoint import load_generator
@@ -49,10 +52,9 @@ def _parse_top_k(text: str) -> int | None:
 
 def _gib_to_bytes(gib: float) -> int:
     """--memory-budget: GiB -> bytes."""
-    budget = int(gib * 2**30)
-    if not gib > 0:
+    if not (math.isfinite(gib) and gib > 0):
         raise ValueError(f"--memory-budget must be a positive number of GiB, got {gib}")
-    return budget
+    return max(1, int(gib * 2**30))
 
 
 @dataclass
@@ -88,6 +90,16 @@ class EvalOptions:
         "type": float, "parse": _gib_to_bytes, "format": lambda b: (b or DEFAULT_MEMORY_BUDGET) / 2**30,
         "help": "GiB of score matrices held at once; a larger test set is evaluated in streamed blocks."})
 
+    def __post_init__(self):
+        check_numbers(self, EVAL_NUMBER_RULES)
+
+
+# The range of each number of EvalOptions (cache/numbers.py: every number must also be finite; the
+# factors that multiply scores are bounded by MAX_FACTOR, past which float32 scores overflow or lose
+# the stage-1 order).
+EVAL_NUMBER_RULES = {"sample_steps": ">=1", "top_k": ">=1", "alpha": "|factor|", "temp": "factor", "dsl_temp": ">0",
+                     "qb_beta": "factor", "qb_k": ">=1", "seed": ">=0", "memory_budget": ">=1"}
+
 
 @dataclass
 class EvalData:
@@ -106,6 +118,23 @@ def load_eval_data(cache_dir: Path, split: str = "test", device="cpu") -> EvalDa
     S = wti_similarity_chunked(f.words, f.word_mask, f.word_logits, f.frames, f.frame_mask, f.frame_logits,
                                device=device, padding=f.wti_padding)
     return EvalData(reader, f, S)
+
+
+def training_progress(gen: Generator) -> dict:
+    """{"epochs_done", "epochs", "unfinished"} of a trained generator: unfinished when fewer epochs
+    were done than its config asked for (a run that was stopped or killed and not resumed)."""
+    done, asked = gen.meta.get("epochs_done"), gen.config.epochs
+    if not isinstance(done, int):
+        return {}
+    return {"epochs_done": done, "epochs": asked, "unfinished": done < asked}
+
+
+def unfinished_warning(report: dict, generator_dir) -> str | None:
+    """The warning for a report of an unfinished generator (None: finished)."""
+    if not report.get("unfinished"):
+        return None
+    return (f"warning: the generator in {generator_dir} is unfinished: {report['epochs_done']} of its "
+            f"{report['epochs']} epochs were trained (finish it with train-generator --resume)")
 
 
 def check_generator_cache(meta: dict, reader: CacheReader, cache_dir, generator_dir, allow_other_cache=False):
@@ -224,9 +253,9 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
     generator only the stage-1 row and the revisers are reported.
     """
     t0 = time.time()
-    opts = EvalOptions(**{**asdict(opts or EvalOptions()), **overrides})
-    if opts.top_k is not None and opts.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1 or 'all', got {opts.top_k}")
+    opts = EvalOptions(**{**asdict(opts or EvalOptions()), **overrides})  # its __post_init__ checks the numbers
+    if save_sims_to is not None:
+        check_output_path(save_sims_to, "--save-sims", folder=False)
     dev = resolve_device(opts.device)
     reader = CacheReader(cache_dir)
     gen = smp = None
@@ -266,6 +295,7 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
             **({"ddim_eps": opts.ddim_eps} if opts.sampler == "ddim" else {}),
             "generator_cache": trained_on.get("path"),
             "out_of_domain": trained_on.get("path") not in (None, str(Path(cache_dir).resolve())),
+            **training_progress(gen),
         })
     if data is not None:
         revised, info = revised_rows(data, opts, dev)

@@ -18,6 +18,8 @@ from itertools import product
 from pathlib import Path
 
 from diffret.cache.atomic import atomic_open, atomic_write, atomic_write_text
+from diffret.cache.numbers import check_numbers
+from diffret.cache.paths import check_output_path
 from diffret.generator.checkpoint import load_generator
 from diffret.generator.config import GeneratorConfig
 from diffret.generator.device import resolve_device
@@ -59,6 +61,9 @@ class SweepGrid:
     samplers: list[str] = _axis(["ddim"], _names, f"Any of {','.join(SAMPLERS)}.")
     seeds: list[int] = _axis([0], _ints)
 
+    def __post_init__(self):
+        check_numbers(self, {"steps": ">=1", "seeds": ">=0"})  # each run's GeneratorConfig checks the rest
+
     def runs(self) -> list[tuple[str, int, str, int]]:
         """(schedule, steps, loss, seed) of every generator to train."""
         return list(product(self.schedules, self.steps, self.losses, self.seeds))
@@ -84,10 +89,9 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
     """Train and evaluate every run of `grid` -> {"discriminative", "rows", "files", ...}; writes `out`."""
     t0 = time.time()
     out = Path(out)
-    opts = opts or EvalOptions()
-    for s in grid.steps:
-        if s < 1:
-            raise ValueError(f"--steps values must be >= 1, got {s}")
+    opts = replace(opts or EvalOptions())
+    grid = replace(grid)  # __post_init__ checks the numbers again (a caller may have changed a list since)
+    check_output_path(out, "--out", folder=True)
     for name in grid.samplers:
         if name not in SAMPLERS:
             raise ValueError(f"unknown sampler {name!r}; expected {' or '.join(SAMPLERS)}")
@@ -107,7 +111,7 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
         if _finished(folder, cfg):
             log(f"reusing {folder}")
         else:
-            train_generator(cache_dir, folder, cfg, progress=progress, log=log)
+            train_generator(cache_dir, folder, cfg, progress=progress, log=log, overwrite=True)  # the sweep's own
         train_s = time.time() - t1
         gen = load_generator(folder, dev)
         for sampler in grid.samplers:
@@ -128,7 +132,7 @@ def run_sweep(cache_dir: Path, out: Path, grid: SweepGrid, base: GeneratorConfig
                        "ddim_eps": opts.ddim_eps, "split": opts.split, "sample_steps": "all T"},
               "discriminative": flat(disc), "rows": rows, "files": files, "seconds": round(time.time() - t0, 1)}
     write_csv(Path(files["csv"]), report)
-    atomic_write_text(Path(files["json"]), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(Path(files["json"]), json.dumps(report, indent=2, allow_nan=False) + "\n")  # standard JSON
     plot(Path(files["png"]), report)
     return report
 

@@ -156,7 +156,8 @@ def test_round_trip(tmp_path):
             for name in FIELDS[s.kind]:
                 ds = f[name]
                 assert ds.shape[0] == s.rows
-                assert ds.dtype == (np.uint8 if name.endswith("_mask") else np.float16)
+                assert ds.dtype == (np.uint8 if name.endswith("_mask") else np.float32 if name == "frame_times"
+                                    else np.float16)
                 assert ds.chunks is not None and ds.chunks[1:] == ds.shape[1:]
                 assert ds.compression is None
 
@@ -307,3 +308,17 @@ def test_split_with_one_kind_only_reads_as_empty(tmp_path):
     assert v.frames.shape == (0, F, D) and v.frames.dtype == np.float16
     assert v.frame_mask.shape == (0, F) and v.frame_mask.dtype == bool
     assert v.frame_logits.shape == (0, F)
+
+
+def test_a_window_whose_every_video_failed_leaves_no_shard_and_closes(tmp_path):
+    """A dump window in which every video failed is journaled without a file; close() skips it
+    (it used to raise a TypeError on the missing file name) and the other windows' rows stay."""
+    rng = np.random.default_rng(2)
+    w = CacheWriter(tmp_path, make_manifest(), shard_rows=3)
+    w.add_failures([("bad0", "/v/bad0.mp4", "cannot open")], split="test")
+    w.end_shard("video", "test")  # the first window: nothing decoded
+    w.add_video("test", **video_rows(rng, "test", 0, 2))
+    w.end_shard("video", "test")
+    m = w.close()
+    assert [s.rows for s in m.shards] == [2] and m.splits["test"]["videos"] == 2
+    assert len(CacheReader(tmp_path).video("test")) == 2

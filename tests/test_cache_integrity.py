@@ -269,7 +269,7 @@ def test_out_of_space_leaves_no_visible_shard_and_resumes(tmp_path, monkeypatch)
 
     def disk_full(self, *args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:  # the second dataset of the third shard
+        if len(calls) == 10:  # the second dataset of the third shard (4 datasets a video shard)
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args, **kwargs)
 

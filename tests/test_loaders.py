@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from diffret.extract.annotations import AnnotationError, Caption, load_annotations
+from diffret.extract.annotations import AnnotationError, Caption, dataset_names, load_annotations
 from diffret.extract.config import default_slots
 
 
@@ -205,3 +205,50 @@ def test_manifest_jsonl_bad_line(tmp_path):
         load_annotations("manifest", tmp_path / "m.jsonl")
     with pytest.raises(FileNotFoundError, match="exactly one of manifest.csv, manifest.jsonl"):
         load_annotations("manifest", tmp_path)
+
+
+# --------------------------------------------------------------------------- one dataset's loader on another's files
+
+
+def _every_dataset(tmp: Path) -> dict[str, Path]:
+    """A minimal folder of each dataset in its own format (and the manifest's)."""
+    from tiny_msrvtt import write_msrvtt
+
+    roots = {"msvd": write_msvd(tmp / "msvd"), "msrvtt": write_msrvtt(tmp / "msrvtt", {"v0": ["a"]}, [("k", "v1", "b")], {})}
+    for name, files in {
+        "lsmdc": {"LSMDC16_annos_training.csv": LSMDC_TRAIN, "LSMDC16_challenge_1000_publictect.csv": LSMDC_TEST},
+        "activitynet": {f: json.dumps({f"v_{f[0]}": {"duration": 1, "timestamps": [[0, 1]], "sentences": ["x"]}})
+                        for f in ("train.json", "val_1.json")},
+        "didemo": {f"{s}_data.json": json.dumps([{"video": f"{s}.mp4", "description": "d", "times": [[0, 1]],
+                                                  "annotation_id": i}]) for i, s in enumerate(("train", "test"))},
+        "manifest": {"manifest.csv": "video,caption,split\na.mp4,x,train\nb.mp4,y,test\n"},
+    }.items():
+        (tmp / name).mkdir()
+        for f, text in files.items():
+            (tmp / name / f).write_text(text)
+        roots[name] = tmp / name
+    return roots
+
+
+def test_each_loader_on_another_datasets_files_names_what_is_missing(tmp_path):
+    roots = _every_dataset(tmp_path)
+    assert set(roots) == set(dataset_names())
+    wants = {"msrvtt": "MSRVTT_data.json", "msvd": "raw-captions.pkl", "lsmdc": "LSMDC16_annos_training.csv",
+             "activitynet": "train.json", "didemo": "train_data.json", "manifest": "manifest.csv"}
+    for name in dataset_names():
+        assert load_annotations(name, roots[name]).captions  # its own files load
+        for other, root in roots.items():
+            if other == name:
+                continue
+            with pytest.raises(FileNotFoundError) as e:
+                load_annotations(name, root)
+            msg = str(e.value)
+            assert "\n" not in msg and wants[name] in msg and str(root) in msg, (name, other, msg)
+    # through the command: one `Error:` line, exit 1, before any work (no --out folder made)
+    from conftest import run_cli
+
+    r = run_cli("extract", "--dataset", "msvd", "--data-root", roots["msrvtt"], "--out", tmp_path / "cache",
+                "--model", "tiny", "--pretrained", "none", ok=False)
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert "raw-captions.pkl" in " ".join(r.output.split()) and not (tmp_path / "cache").exists()

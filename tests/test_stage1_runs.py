@@ -88,7 +88,10 @@ def test_reference_cache_keeps_one_row_per_caption(reference):
 def test_two_processes_under_torchrun_equal_one(small_set, reference, tmp_path):
     """Gathered negatives, sharded batches and per-rank parts merged by rank 0: the same cache."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    # --standalone: the rendezvous store binds port 0 (the kernel picks a free one, no race for it) and the
+    # workers' process group reuses that store; pinned on, as a "1" here would pick a port by probing
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent),
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            "extract", "--data-root", str(small_set), "--out", str(out), *FLAGS]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

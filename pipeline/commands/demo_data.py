@@ -16,6 +16,8 @@ from .output import console, progress_bar
 @options(DemoConfig, ("n_train", "n_test", "seed", "shifted", "workers"))
 def command(out, **values):
     """Write the synthetic demo set (real .mp4 files) in the MSRVTT layout under OUT."""
+    with clear_errors():
+        DemoConfig(**values)  # the numbers are refused before the progress bar starts
     with clear_errors(), progress_bar() as p:
         task = p.add_task("render demo videos", total=values["n_train"] + values["n_test"])
         summary = make_demo_dataset(out, progress=lambda done, total: p.update(task, completed=done), **values)

@@ -12,6 +12,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CacheError, FileNotFoundError, ValueError, PermissionError]
     for mod, names in (
+        ("diffret.cache.lock", ["LockError"]),
         ("diffret.generator.checkpoint", ["GeneratorError"]),
         ("diffret.generator.device", ["DeviceError"]),
         ("diffret.generator.trainer", ["TrainingError"]),

@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from diffret.cache.atomic import atomic_write_text
+from diffret.cache.paths import check_output_path
 
-from ..evaluate import EvalOptions, evaluate
+from ..evaluate import EvalOptions, evaluate, unfinished_warning
 from .errors import clear_errors
 from .options import cache_option, config, options
 from .output import console, out_console, progress_bar, results_table
@@ -29,15 +30,21 @@ def command(cache_dir, generator_dir, save_sims, json_out, **values):
     """Retrieval metrics in both directions: stage-1 scores, their diffusion re-ranking, DSL, QB-Norm."""
     with clear_errors():
         opts = config(EvalOptions, values)
+        if json_out:  # refused before the work, not after it (--save-sims: evaluate checks it)
+            check_output_path(json_out, "--json", folder=False)
         with progress_bar() as p:
             report = evaluate(cache_dir, generator_dir, opts, progress=p, save_sims_to=save_sims)
     title = f"{report['n_queries']} queries x {report['n_candidates']} videos"
     if "steps" in report:
         title += f", top-{report['top_k']}, {report['steps']} {report['sampler'].upper()} steps"
     out_console.print(results_table(f"{title} ({report['seconds']} s)", report["results"]))
+    if warning := unfinished_warning(report, generator_dir):  # also recorded in the JSON: "unfinished": true
+        console.print(warning, style="yellow", markup=False, highlight=False, soft_wrap=True)
     if save_sims:
         console.print(f"score matrices written to {save_sims}")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(json_out), json.dumps(report, indent=2) + "\n")
+        with clear_errors():  # standard JSON: a NaN or inf is an error, never written as NaN / Infinity
+            text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(Path(json_out), text)
         console.print(f"metrics written to {json_out}")

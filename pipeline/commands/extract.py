@@ -25,7 +25,7 @@ SETTINGS = ("model", "pretrained", "stage1", "epochs", "batch_size", "lr", "clip
               help="Continue an unfinished fine-tuning in --out from its last finished epoch.")
 @options(ExtractConfig, ("device", "seed"))
 @click.option("--overwrite", is_flag=True, show_default="off",
-              help="Start over: replace a cache or an unfinished run in --out (by default an unfinished run resumes).")
+              help="Start over: remove diffret's own files in --out (never others': refused) and extract anew.")
 @options(ExtractConfig, ("decode_timeout", "shard_rows"))
 def command(out, resume, overwrite, **values):
     """Stage 1: fine-tune the CLIP extractor contrastively and dump features to a cache.
@@ -48,7 +48,7 @@ def command(out, resume, overwrite, **values):
                 summary = run_stage1(cfg, out, overwrite=overwrite, progress=p, log=log, resume_training=resume)
         finally:
             shutdown()  # leave torchrun's process group (a no-op on one process)
-    if not main_rank:
+    if not main_rank or summary.get("complete"):  # already complete: run_stage1 said so, nothing was done
         return
     counts = ", ".join(f"{s}: {c['captions']} captions / {c['videos']} videos" for s, c in summary["splits"].items())
     console.print(f"cache written to {out} ({counts}) in {summary['seconds']} s on {summary['device']}")

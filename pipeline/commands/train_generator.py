@@ -20,7 +20,9 @@ TRAINING = ("epochs", "train_steps", "schedule", "beta_scale", "loss", "x0", "ca
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Generator run folder to write.")
 @options(GeneratorConfig, TRAINING)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
-def command(cache_dir, out, resume, **values):
+@click.option("--overwrite", is_flag=True, show_default="off",
+              help="Start over: replace a generator already in --out (only its own files are removed).")
+def command(cache_dir, out, resume, overwrite, **values):
     """Stage 2: train the t2v and v2t denoisers on cached features only."""
     from diffret.generator.trainer import resume_config, train_generator
 
@@ -28,6 +30,7 @@ def command(cache_dir, out, resume, **values):
         # --resume: the saved settings, plus the options given on this command line
         cfg = resume_config(out, typed(values)) if resume else config(GeneratorConfig, values)
         with progress_bar() as p:
-            meta = train_generator(cache_dir, out, cfg, progress=p, log=console.print, resume=resume)
+            meta = train_generator(cache_dir, out, cfg, progress=p, log=console.print, resume=resume,
+                                   overwrite=overwrite)
     console.print(f"generator written to {out}: width {meta['width']}, parameters {meta['parameters']}, "
                   f"loss per epoch {meta['history']}, {meta['seconds']} s")
