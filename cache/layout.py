@@ -145,3 +145,23 @@ def remove_cache_files(folder: Path) -> list[str]:
             continue
         removed.append(p.name)
     return removed
+
+
+def name_list(paths: list[str], most: int = 5) -> str:
+    """The first `most` of `paths` for a one-line message ("a, b, ... (9 in all)")."""
+    return ", ".join(paths[:most]) + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
+
+
+def refusal(out: Path, foreign: list[str], ours: bool, overwrite: bool, what: str) -> str | None:
+    """Why a job may not write into the non-empty folder `out`, as one line, or None when it may:
+    `foreign` (foreign_files) are files diffret did not write; `ours`: `out` holds something of
+    diffret's (`what` names it in the message: "cache", "generator")."""
+    if not ours:
+        listed = foreign or sorted(p.name for p in Path(out).iterdir())
+        return f"--out {out} is not empty and holds no diffret {what} ({name_list(listed)}); choose a new or empty folder"
+    if foreign:
+        return (f"--out {out} also holds files diffret did not write ({name_list(foreign)}); "
+                + ("--overwrite removes only diffret's own files: " if overwrite else "")
+                + "move them away or choose another folder")
+    return None
+

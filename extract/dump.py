@@ -24,7 +24,7 @@ import torch
 
 from diffret.cache.journal import PROGRESS_DIR, RUN_FILE, Journal
 from diffret.cache.layout import (
-    CAPTIONS_FILE, WRITE_PROBE_PREFIX, foreign_files, has_cache_marker, is_empty_folder, remove_cache_files,
+    CAPTIONS_FILE, WRITE_PROBE_PREFIX, foreign_files, has_cache_marker, is_empty_folder, refusal, remove_cache_files,
 )
 from diffret.cache.lock import LOCK_FILE
 from diffret.cache.manifest import MANIFEST_NAME
@@ -128,10 +128,6 @@ def dump_texts(
 # --------------------------------------------------------------------------- the output folder
 
 
-def _names(paths: list[str], most: int = 5) -> str:
-    return ", ".join(paths[:most]) + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
-
-
 COMPLETE = "complete"  # check_output: `out` already holds this very cache (same settings, same inputs)
 
 
@@ -169,15 +165,9 @@ def check_output(out: Path, overwrite: bool, mismatch=None, inputs=None, complet
             raise OutputError(f"{out} already holds a complete cache of other inputs ({why}); "
                               f"pass --overwrite to rebuild it")
         return COMPLETE
-    foreign = foreign_files(out)
-    if not has_cache_marker(out):
-        listed = foreign or sorted(p.name for p in out.iterdir())
-        raise OutputError(f"--out {out} is not empty and holds no diffret cache ({_names(listed)}); choose a new "
-                          f"or empty folder")
-    if foreign:
-        raise OutputError(f"--out {out} also holds files diffret did not write ({_names(foreign)}); "
-                          + ("--overwrite removes only diffret's own files: " if overwrite else "")
-                          + "move them away or choose another folder")
+    why = refusal(out, foreign_files(out), has_cache_marker(out), overwrite, "cache")
+    if why:
+        raise OutputError(why)
     if overwrite or did_no_work(out):
         return False
     run = Journal(out).read_run()

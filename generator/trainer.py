@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from diffret.cache.layout import foreign_files, has_cache_marker, is_empty_folder
+from diffret.cache.layout import foreign_files, has_cache_marker, is_empty_folder, refusal
 from diffret.cache.lock import OutputLock
 from diffret.cache.paths import check_output_path
 from diffret.cache.store import CacheReader
@@ -239,10 +239,6 @@ def run_files() -> tuple[str, ...]:
     return (*names, *(pending_name(n) for n in names))
 
 
-def _names(paths: list[str], most: int = 5) -> str:
-    return ", ".join(paths[:most]) + (f", ... ({len(paths)} in all)" if len(paths) > most else "")
-
-
 def check_run_folder(out: Path, resume: bool, overwrite: bool) -> list[Path]:
     """Decide, writing nothing, whether `out` may be written -> the generator files `overwrite` replaces.
 
@@ -256,15 +252,10 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> list[Path]:
     if not out.is_dir() or is_empty_folder(out):
         return []
     mine = [out / n for n in run_files() if (out / n).exists()]
-    foreign = foreign_files(out, extra=run_files())
-    if not mine and not has_cache_marker(out):
-        listed = foreign or sorted(p.name for p in out.iterdir())
-        raise TrainingError(f"--out {out} is not empty and holds no diffret generator ({_names(listed)}); choose a "
-                            f"new or empty folder")
-    if foreign:
-        raise TrainingError(f"--out {out} also holds files diffret did not write ({_names(foreign)}); "
-                            + ("--overwrite removes only diffret's own files: " if overwrite else "")
-                            + "move them away or choose another folder")
+    ours = bool(mine) or has_cache_marker(out)  # a generator may share its cache's folder
+    why = refusal(out, foreign_files(out, extra=run_files()), ours, overwrite, "generator")
+    if why:
+        raise TrainingError(why)
     # pending copies without a commit record are a write killed before its first commit: no generator
     # (commit_files clears them before it writes); a commit record or a committed file is one
     committed = [f for f in mine if f.name in (*COMMITTED_NAMES, COMMIT_NAME)]

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
@@ -47,3 +48,13 @@ def generator_dir(cache_dir, tmp_path_factory):
 
 def read_json(path):
     return json.loads(open(path).read())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for the module (modules opt in with usefixtures): tiny models run several
+    times faster than on two contended threads, and forked children match it bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,31 +21,19 @@ from diffret.cache.journal import FAULT_ENV, PROGRESS_DIR
 from diffret.cache.lock import LOCK_FILE
 from diffret.cache.manifest import MANIFEST_NAME
 from diffret.cache.verify import verify_cache
-from diffret.extract.annotations import load_msrvtt
 from test_cache_integrity import assert_same_cache
-from tiny_msrvtt import write_msrvtt
+from tiny_msrvtt import demo_subset
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 FLAGS = ["--model", "tiny", "--pretrained", "none", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3",
          "--frames", "4", "--words", "16", "--fps", "uniform", "--workers", "0", "--shard-rows", "3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The forked children run torch with one thread; so does this module, for bit-equal floats."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small(demo_root, tmp_path_factory) -> Path:
     """8 training clips with 2 captions each, 4 test clips: 3 + 6 + 2 + 2 shards of 3 rows."""
-    ann = load_msrvtt(demo_root)
-    train = {v: [c.text for c in ann.split("train") if c.video_id == v][:2] for v in ann.video_ids("train")[:8]}
-    test = [(c.caption_id, c.video_id, c.text) for c in ann.split("test")[:4]]
-    videos = {v: ann.videos[v] for v in list(train) + [v for _, v, _ in test]}
-    return write_msrvtt(tmp_path_factory.mktemp("small") / "data", train, test, videos)
+    return demo_subset(demo_root, tmp_path_factory.mktemp("small") / "data", n_train=8, captions=2, n_test=4)
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from conftest import run_cli
 from diffret.cache.layout import foreign_files
 from diffret.cache.lock import LOCK_FILE, LockError, OutputLock
 from diffret.cache.verify import verify_cache
-from diffret.extract.annotations import load_msrvtt
 from synthetic_cache import synthetic_cache
-from tiny_msrvtt import write_msrvtt
+from tiny_msrvtt import demo_subset
 
 FLAGS = ["--model", "tiny", "--pretrained", "none", "--epochs", "0", "--frames", "2", "--words", "8",
          "--fps", "uniform", "--workers", "0"]
@@ -33,11 +32,7 @@ GEN = ["--epochs", 1, "--batch-size", 8, "--candidates", 4, "--steps", 10, "--lr
 @pytest.fixture(scope="module")
 def tiny(demo_root, tmp_path_factory) -> Path:
     """3 training clips with one caption each, 2 test clips: an extraction of a few seconds."""
-    ann = load_msrvtt(demo_root)
-    train = {v: [next(c.text for c in ann.split("train") if c.video_id == v)] for v in ann.video_ids("train")[:3]}
-    test = [(c.caption_id, c.video_id, c.text) for c in ann.split("test")[:2]]
-    videos = {v: ann.videos[v] for v in list(train) + [v for _, v, _ in test]}
-    return write_msrvtt(tmp_path_factory.mktemp("tiny") / "data", train, test, videos)
+    return demo_subset(demo_root, tmp_path_factory.mktemp("tiny") / "data", n_train=3, captions=1, n_test=2)
 
 
 @pytest.fixture(scope="module")

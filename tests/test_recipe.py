@@ -14,14 +14,7 @@ from diffret.extract.distributed import DistInfo, rank_slice
 from diffret.extract.finetune import batch_loss, global_batch, make_optimizer, warmup_cosine
 from diffret.extract.model import Stage1Model, dual_softmax_loss, info_nce
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_model(frames: int = 4, seed: int = 0) -> Stage1Model:

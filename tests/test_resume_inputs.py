@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import run_cli
 from diffret.cache.lock import LOCK_FILE
@@ -17,17 +16,9 @@ from diffret.extract.annotations import load_msrvtt
 from test_extract_resume import FLAGS, extract_in_child
 from tiny_msrvtt import write_msrvtt
 
-pytestmark = pytest.mark.slow  # end-to-end extractions (tiny ones: about 30 s in all)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # end-to-end extractions (tiny ones: about 30 s in all)
 
 EPOCHS0 = ["--epochs", "0"]  # after FLAGS: the last --epochs wins
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ from diffret.generator.checkpoint import COMMIT_NAME, META_NAME, STATE_NAME, WEI
 from synthetic_cache import synthetic_cache
 from test_cache_integrity import assert_same_cache
 from test_extract_resume import FLAGS as RESUME_FLAGS
-from tiny_msrvtt import write_msrvtt
+from tiny_msrvtt import demo_subset
 
 pytestmark = pytest.mark.slow  # whole extract / train-generator runs in subprocesses
 
@@ -70,13 +70,7 @@ def interrupt(args, when, sig) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def small(demo_root, tmp_path_factory) -> Path:
-    from diffret.extract.annotations import load_msrvtt
-
-    ann = load_msrvtt(demo_root)
-    train = {v: [c.text for c in ann.split("train") if c.video_id == v][:2] for v in ann.video_ids("train")[:8]}
-    test = [(c.caption_id, c.video_id, c.text) for c in ann.split("test")[:4]]
-    videos = {v: ann.videos[v] for v in list(train) + [v for _, v, _ in test]}
-    return write_msrvtt(tmp_path_factory.mktemp("sig-small") / "data", train, test, videos)
+    return demo_subset(demo_root, tmp_path_factory.mktemp("sig-small") / "data", n_train=8, captions=2, n_test=4)
 
 
 @pytest.fixture(scope="module")

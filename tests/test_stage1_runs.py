@@ -21,22 +21,13 @@ from diffret.extract.checkpoint import CheckpointError
 from diffret.extract.config import ExtractConfig
 from diffret.extract.stage1 import run_stage1
 
-pytestmark = pytest.mark.slow  # every test reads extract runs of demo clips
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # every test reads extract runs of demo clips
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 RECIPE = dict(model="tiny", pretrained="none", epochs=2, batch_size=4, frames=4, words=16, lr=1e-3, clip_lr_scale=1.0,
               target_fps=None, workers=0, decode_timeout=None)  # decode in-process: no fork per video
 FLAGS = ["--dataset", "manifest", "--model", "tiny", "--pretrained", "none", "--epochs", "2", "--batch-size", "4",
          "--frames", "4", "--words", "16", "--lr", "1e-3", "--clip-lr-scale", "1", "--fps", "uniform", "--workers", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -34,3 +34,16 @@ def write_msrvtt(root: Path, train: dict[str, list[str]], test: list[tuple[str, 
         elif src is not None:
             shutil.copy(src, dst)
     return root
+
+
+def demo_subset(demo_root: Path, root: Path, n_train: int, captions: int, n_test: int) -> Path:
+    """An MSRVTT-layout set at `root` from the session's demo set: its first `n_train` training
+    videos with up to `captions` captions each, and its first `n_test` test captions."""
+    from diffret.extract.annotations import load_msrvtt
+
+    ann = load_msrvtt(demo_root)
+    train = {v: [c.text for c in ann.split("train") if c.video_id == v][:captions]
+             for v in ann.video_ids("train")[:n_train]}
+    test = [(c.caption_id, c.video_id, c.text) for c in ann.split("test")[:n_test]]
+    videos = {v: ann.videos[v] for v in list(train) + [v for _, v, _ in test]}
+    return write_msrvtt(root, train, test, videos)
