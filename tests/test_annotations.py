@@ -1,5 +1,6 @@
 """MSRVTT annotation loading on hand-written miniature files."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,31 @@ def test_duplicate_test_key(tmp_path):
     )
     with pytest.raises(AnnotationError, match="duplicate caption id 'ret0'"):
         load_msrvtt(root)
+
+
+@pytest.mark.parametrize("entry, words", [("not an object", "is not an object"),
+                                          ({"caption": "a dog"}, "has no string 'video_id'"),
+                                          ({"video_id": "v1", "caption": 3}, "(video v1) has no string 'caption'")])
+def test_malformed_msrvtt_sentence_is_named(tmp_path, entry, words):
+    from diffret.extract.annotations.msrvtt import _msrvtt_sentences
+
+    path = tmp_path / "MSRVTT_data.json"
+    path.write_text(json.dumps({"sentences": [{"video_id": "v0", "caption": " ok "}, entry]}))
+    with pytest.raises(AnnotationError, match=rf"sentences\[1\] {re.escape(words)}"):
+        _msrvtt_sentences(path)
+    path.write_text(json.dumps({"sentences": [{"video_id": " v0 ", "caption": " ok "}]}))
+    assert _msrvtt_sentences(path) == [("v0", "ok")]  # both stripped
+
+
+@pytest.mark.parametrize("entry, words", [(7, "is not an object"), ({"description": "x"}, "has no string 'video'"),
+                                          ({"video": "a.mp4", "description": None},
+                                           "(video a.mp4) has no string 'description'")])
+def test_malformed_didemo_moment_is_named(tmp_path, entry, words):
+    from diffret.extract.annotations.paragraphs import _didemo_split
+
+    path = tmp_path / "train_data.json"
+    path.write_text(json.dumps([{"video": "a.mp4", "description": "fine"}, entry]))
+    with pytest.raises(AnnotationError, match=rf"entry 1 {re.escape(words)}"):
+        _didemo_split(path)
+    path.write_text(json.dumps([{"video": " a.mp4 ", "description": " kept as written "}]))
+    assert _didemo_split(path) == [("a.mp4", " kept as written ")]  # the id stripped, the text as written

@@ -141,6 +141,24 @@ def check_unique(captions: list[Caption], where: Path) -> None:
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp")
 
 
+def id_text_pairs(items: list, path: Path, id_key: str, text_key: str, entry: str,
+                  strip_text: bool) -> list[tuple[str, str]]:
+    """(id, text) of every object in `items` (the JSON list read from `path`), in file order; a
+    malformed entry is one AnnotationError naming it (`entry` formats its place: "entry {i}")."""
+    out: list[tuple[str, str]] = []
+    for i, item in enumerate(items):
+        where = entry.format(i=i)
+        if not isinstance(item, dict):
+            raise AnnotationError(f"{path}: {where} is not an object")
+        vid, text = item.get(id_key), item.get(text_key)
+        if not isinstance(vid, str) or not vid.strip():
+            raise AnnotationError(f"{path}: {where} has no string '{id_key}'")
+        if not isinstance(text, str):
+            raise AnnotationError(f"{path}: {where} (video {vid}) has no string '{text_key}'")
+        out.append((vid.strip(), text.strip() if strip_text else text))
+    return out
+
+
 def video_folder(root: Path, video_dir: str | None, defaults: tuple[str, ...] = ("videos",)) -> Path:
     """`video_dir` (relative to root, or absolute); else the first of root/<defaults> that exists; else root."""
     if video_dir is not None:

@@ -8,6 +8,7 @@ from .base import (
     Annotations,
     Caption,
     check_unique,
+    id_text_pairs,
     read_csv,
     read_json,
     require_file,
@@ -25,17 +26,7 @@ def _msrvtt_sentences(path: Path) -> list[tuple[str, str]]:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("sentences"), list):
         raise AnnotationError(f"{path}: expected a JSON object with a 'sentences' list")
-    out: list[tuple[str, str]] = []
-    for i, s in enumerate(data["sentences"]):
-        if not isinstance(s, dict):
-            raise AnnotationError(f"{path}: sentences[{i}] is not an object")
-        vid, text = s.get("video_id"), s.get("caption")
-        if not isinstance(vid, str) or not vid.strip():
-            raise AnnotationError(f"{path}: sentences[{i}] has no string 'video_id'")
-        if not isinstance(text, str):
-            raise AnnotationError(f"{path}: sentences[{i}] (video {vid}) has no string 'caption'")
-        out.append((vid.strip(), text.strip()))
-    return out
+    return id_text_pairs(data["sentences"], path, "video_id", "caption", "sentences[{i}]", strip_text=True)
 
 
 def load_msrvtt(root: Path, video_dir: str | None = None) -> Annotations:

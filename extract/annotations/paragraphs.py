@@ -16,6 +16,7 @@ from .base import (
     Annotations,
     Caption,
     find_videos,
+    id_text_pairs,
     read_json,
     require_file,
     require_root,
@@ -69,22 +70,12 @@ def load_activitynet(root: Path, video_dir: str | None = None) -> Annotations:
     return Annotations(dataset="activitynet", root=root, captions=captions, videos=videos)
 
 
-def _didemo_split(path: Path, split: str) -> list[tuple[str, str]]:
+def _didemo_split(path: Path) -> list[tuple[str, str]]:
     """[{"video", "description", "times", ...}, ...] -> (video, description) in file order."""
     data = read_json(path)
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: expected a JSON list of {{'video', 'description', ...}} objects")
-    out = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise AnnotationError(f"{path}: entry {i} is not an object")
-        vid, text = item.get("video"), item.get("description")
-        if not isinstance(vid, str) or not vid.strip():
-            raise AnnotationError(f"{path}: entry {i} has no string 'video'")
-        if not isinstance(text, str):
-            raise AnnotationError(f"{path}: entry {i} (video {vid}) has no string 'description'")
-        out.append((vid.strip(), text))
-    return out
+    return id_text_pairs(data, path, "video", "description", "entry {i}", strip_text=False)
 
 
 def load_didemo(root: Path, video_dir: str | None = None) -> Annotations:
@@ -106,7 +97,7 @@ def load_didemo(root: Path, video_dir: str | None = None) -> Annotations:
         if split not in files:
             continue
         texts: dict[str, list[str]] = {}
-        for vid, text in _didemo_split(files[split], split):
+        for vid, text in _didemo_split(files[split]):
             if split_of.setdefault(vid, split) != split:
                 raise AnnotationError(f"{files[split]}: video {vid!r} is also in the {split_of[vid]} split")
             texts.setdefault(vid, []).append(text)
