@@ -7,8 +7,14 @@ words, width 512) with the project's writer, computes the stage-1 WTI scores, th
 - diffret (`generator/rerank.py`): x_T drawn per chunk of queries, the work in cache-sized
   blocks that run all steps while their context stays in L2, step-independent parts (`prepare`,
   the time embedding's share of every logit and of the decoder input) computed once per block.
-- baseline (the original's way): chunks of 32 queries, each query's top-32 candidates, one full
-  denoiser call per step per chunk (the formula as written, everything recomputed every step).
+- baseline (the original's way, `generator/reference.py` `baseline_rerank`): chunks of 32
+  queries, each query's top-32 candidates, one full denoiser call per step per chunk (the formula
+  as written, everything recomputed every step).
+
+`--fused compile` runs the sampling add-ReLU-dot through torch.compile (generator/fused.py; the
+first call compiles, which the figure includes unless `--warm`). The JSON's `roofline` gives the
+machine's matmul and copy peaks probed in the same run and the share of them each figure reaches
+(`benchmarks/roofline.py`).
 
 Both start from the same x_T, so their final scores must agree; the JSON says by how much.
 Usage: python benchmarks/eval_speed.py --device cpu --json out.json [--queries 1000] [--skip-all]
@@ -51,7 +57,10 @@ from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser  # noqa: E402
 from diffret.generator.device import resolve_device  # noqa: E402
 from diffret.generator.features import load_split  # noqa: E402
 from diffret.generator.generator import Generator  # noqa: E402
+from diffret.generator import fused  # noqa: E402
+from diffret.generator.reference import baseline_rerank, initial_noise  # noqa: E402
 from diffret.generator.rerank import rerank  # noqa: E402
+import roofline  # noqa: E402
 
 
 def random_generator(width: int, steps: int, device) -> Generator:
@@ -63,40 +72,6 @@ def random_generator(width: int, steps: int, device) -> Generator:
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def initial_noise(nq: int, k: int, chunk: int, seed: int, device) -> torch.Tensor:
-    """The x_T that `rerank` draws: one randn((n, k)) per chunk of queries, in order."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.cat([torch.randn((min(chunk, nq - s), k), generator=gen, device=device) for s in range(0, nq, chunk)])
-
-
-@torch.inference_mode()
-def baseline_rerank(S, denoiser, query, query_mask, gallery, gallery_mask, sampler, x_T, top_k=32, chunk=32,
-                    alpha=1.0, temp=1.0, device="cpu"):
-    """The original's inference loop: per chunk of 32 queries, the full formula at every step."""
-    top = S.topk(top_k, dim=1).indices
-    out = S.clone()
-    t2v = isinstance(denoiser, T2VDenoiser)
-    steps = sampler.timesteps.tolist()
-    for s in range(0, len(S), chunk):
-        idx = top[s:s + chunk]
-        q = query[s:s + chunk].to(device)
-        if t2v:
-            args = (q, gallery[idx].to(device), gallery_mask[idx].to(device))
-        else:
-            args = (gallery[idx].to(device), q, query_mask[s:s + chunk].to(device))
-        x_t = x_T[s:s + chunk]
-        for i, t in enumerate(steps):
-            tb = torch.full((len(idx),), t, dtype=torch.long, device=device)
-            x0 = denoiser.reference_forward(x_t, tb, *args)
-            if i == len(steps) - 1:
-                x0 = x0.clamp(-1, 1)
-            else:
-                x_t = sampler.step(x0, t, x_t)
-        rows = torch.arange(s, s + len(idx))[:, None]
-        out[rows, idx] = S[rows, idx] + alpha * torch.softmax(x0.float() * temp, dim=1).cpu()
-    return out
 
 
 def peak_rss_mb() -> float:
@@ -220,6 +195,9 @@ def main():
     ap.add_argument("--cache", type=Path, help="reuse a synthetic cache folder")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     ap.add_argument("--skip-baseline", action="store_true", help="time diffret alone (no baseline, no check)")
+    ap.add_argument("--fused", choices=fused.FUSED, default="auto", help="sampling's add-ReLU-dot kernel (rerank's)")
+    ap.add_argument("--warm", action="store_true", help="run diffret once untimed first (compile, caches)")
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false")
     ap.add_argument("--growth", type=lambda v: [int(x) for x in v.split(",")],
                     help="measure memory growth at these sizes instead (e.g. 1000,10000,100000)")
     ap.add_argument("--block", type=int, default=256, help="--growth: captions per streamed block")
@@ -263,7 +241,7 @@ def main():
         "t2v": (S, t2v, dev_feats.sentence, None, dev_feats.frames, dev_feats.frame_mask),
         "v2t": (S.t().contiguous(), v2t, dev_feats.frames, dev_feats.frame_mask, dev_feats.sentence, None),
     }
-    rows = []
+    rows, peaks = [], None
     for top_k in [32] + ([] if args.skip_all else ["all"]):
         k = S.shape[1] if top_k == "all" else top_k
         row = {"top_k": top_k, "device": str(device), "queries": len(S), "videos": S.shape[1], "steps": args.steps,
@@ -271,9 +249,13 @@ def main():
         diffret_s, baseline_s, max_diff = 0.0, 0.0, 0.0
         for name, (scores, model, q, qm, g, gm) in directions.items():
             chunk = args.chunk if top_k == 32 else max(1, min(args.chunk, 64))
+            if args.warm:
+                rerank(scores[:64], model, q[:64], None if qm is None else qm[:64], g, gm, sampler,
+                       top_k=k, chunk=chunk, seed=0, device=device, fused=args.fused)
             sync(device)
             t0 = time.perf_counter()
-            fast = rerank(scores, model, q, qm, g, gm, sampler, top_k=k, chunk=chunk, seed=0, device=device)
+            fast = rerank(scores, model, q, qm, g, gm, sampler, top_k=k, chunk=chunk, seed=0, device=device,
+                          fused=args.fused)
             sync(device)
             diffret_s += time.perf_counter() - t0
             if top_k == 32 and not args.skip_baseline:
@@ -284,6 +266,20 @@ def main():
                 baseline_s += time.perf_counter() - t0
                 max_diff = max(max_diff, (fast - slow).abs().max().item())
         row["diffret_s"] = round(diffret_s, 3)
+        row["fused"] = args.fused
+        row["compiled"] = fused.use_compiled(args.fused, device, len(S) * k * args.steps * 2 * D)
+        if args.roofline:
+            peaks = peaks or roofline.probe(device)
+            peak = peaks.get("gpu") or peaks[f"{torch.get_num_threads()}_thread"]
+            nq, nc, F = len(S), S.shape[1], f.frames.shape[1]
+            work = [roofline.generation_work(nq, k, nc, F, D, args.steps, d, row["compiled"]) for d in ("t2v", "v2t")]
+            flops, nbytes = sum(w["flops"] for w in work), sum(w["bytes"] for w in work)
+            row["roofline"] = {"peaks": peaks, "diffret": roofline.fraction(flops, nbytes, diffret_s, peak)}
+            if baseline_s:
+                # the plain formula's multiply-adds per step: per pair the frame attention and pooling, k_proj
+                # and v_proj, the decoder's two layers; per query q_proj, proj and the time embedding
+                base_flops = 2 * args.steps * 2 * (nq * k * (2 * F * D + 6 * D * D + 2 * D) + nq * 4 * D * D)
+                row["roofline"]["baseline"] = roofline.fraction(base_flops, 0.0, baseline_s, peak)
         if top_k == 32 and not args.skip_baseline:
             row.update(baseline_s=round(baseline_s, 3), speedup=round(baseline_s / diffret_s, 1),
                        max_abs_score_diff=max_diff, same_scores=bool(max_diff < 1e-4))

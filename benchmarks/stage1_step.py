@@ -54,7 +54,7 @@ def measure(model_name: str = "ViT-B-32", device: str = "cuda", batch: int = 128
     model = Stage1Model(build_clip(model_name, "none"), max_frames=frames).to(dev).train()
     model.set_grad_checkpointing(grad_checkpointing)
     cfg = ExtractConfig(model=model_name, pretrained="none", batch_size=batch, frames=frames, words=words, amp=amp,
-                        grad_checkpointing=grad_checkpointing)
+                        grad_checkpointing=grad_checkpointing, recipe="modern")  # the step's cost: AdamW, float32
     opt, _ = make_optimizer(model, cfg, total_steps=max(1, warmup + steps))
     use_amp = amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -6,6 +6,12 @@ loop, `diffret.generator.trainer.train_generator` (K = 128 candidates, batch 128
 negatives), for one epoch, timing every step. `--max-steps N` times only the first N steps and
 extrapolates to the epoch (the JSON says `extrapolated: true`).
 
+The reference is today's implementation before issue 14 (`benchmarks/legacy_stage2.py`: the first
+decoder layer on every pair's pooled video), swapped into the same loop and timed in the same run
+(`speedup_vs_reference`; `same_loss_as_reference` checks both trained alike). `roofline` probes this
+machine's matmul and copy peaks in the run and gives the fraction of each that a step reaches
+(`benchmarks/roofline.py`).
+
 The baseline is the original's way: every step recomputes the frozen stage-1 features from pixels
 (open_clip ViT-B-32, randomly initialised, nothing downloaded, with the temporal transformer and
 the similarity head: 128 videos x 12 frames of 224 x 224 and 128 captions x 32 tokens, forward under
@@ -18,6 +24,7 @@ training at 1k, 10k and 100k captions (`--growth-sizes`): after loading the feat
 
     python benchmarks/train_speed.py --device cuda --json train.json
     python benchmarks/train_speed.py --device cpu --max-steps 20 --json train.json
+    python benchmarks/train_speed.py --device cpu --max-steps 10 --no-baseline --threads 1 --json train.json
     python benchmarks/train_speed.py --device cpu --growth --json growth.json
 """
 from __future__ import annotations
@@ -40,6 +47,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import roofline  # noqa: E402
+from legacy_stage2 import legacy_denoise_pairs  # noqa: E402
 from synthetic import write_synthetic_cache  # noqa: E402
 
 from diffret.generator import trainer  # noqa: E402
@@ -107,18 +116,24 @@ def build_cache(root: Path, args) -> dict:
     return {"build_seconds": r(time.perf_counter() - t0, 2), "bytes": cache_bytes(root), "built": True}
 
 
-def measure_training(cache: Path, args, device: torch.device) -> dict:
-    """One (possibly partial) epoch of train_generator on `cache`; per-step times and memory."""
+def measure_training(cache: Path, args, device: torch.device, pairs=None) -> dict:
+    """One (possibly partial) epoch of train_generator on `cache`; per-step times and memory.
+    pairs: another `denoise_pairs` to train with (the reference path: legacy_stage2's)."""
     cfg = GeneratorConfig(epochs=1, batch_size=args.batch, candidates=args.candidates, negatives=args.negatives,
                           device=str(device), seed=args.seed)
     clock = StepClock()
     rss_before = rss_gib()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    original = trainer.denoise_pairs
     with tempfile.TemporaryDirectory(prefix="train-speed-gen-") as out:
         t0 = time.perf_counter()
-        meta = trainer.train_generator(cache, Path(out), cfg, progress=clock, log=lambda *a, **k: None,
-                                       max_steps=args.max_steps)
+        try:
+            trainer.denoise_pairs = pairs or original
+            meta = trainer.train_generator(cache, Path(out), cfg, progress=clock, log=lambda *a, **k: None,
+                                           max_steps=args.max_steps)
+        finally:
+            trainer.denoise_pairs = original
         total = time.perf_counter() - t0
     n = meta["cache"]["train_captions"]
     steps_per_epoch = max(1, n // min(args.batch, n))
@@ -207,6 +222,19 @@ def measure_baseline(args, device: torch.device) -> dict:
     return out
 
 
+def roof(args, device: torch.device, tr: dict, ref: dict | None) -> dict:
+    """This machine's peaks (probed now) and the fraction of them each step time reaches."""
+    peaks = roofline.probe(device)
+    peak = peaks.get("gpu") or peaks[f"{torch.get_num_threads()}_thread"]
+    U = min(args.batch, args.videos)  # in-batch negatives: the batch's distinct videos
+    out = {"peaks": peaks, "model": "benchmarks/roofline.py train_step_work"}
+    for key, row, legacy in (("diffret", tr, False), ("reference", ref, True)):
+        if row:
+            w = roofline.train_step_work(args.batch, args.candidates, U, args.frames, args.words, args.width, legacy)
+            out[key] = roofline.fraction(w["flops"], w["bytes"], row["seconds_per_step"], peak)
+    return out
+
+
 def machine(device: torch.device) -> dict:
     info = {"host": platform.node(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version()}
@@ -266,6 +294,9 @@ def parse(argv=None):
     ap.add_argument("--keep-cache", type=Path, help="build the cache here and keep it")
     ap.add_argument("--workdir", type=Path, default=None, help="where temporary caches go")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false")
+    ap.add_argument("--no-reference", dest="reference", action="store_false",
+                    help="skip the reference path (the denoising before issue 14, benchmarks/legacy_stage2.py)")
+    ap.add_argument("--no-roofline", dest="roofline", action="store_false", help="skip the peak probe")
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model of the baseline (random weights)")
     ap.add_argument("--baseline-videos", type=int, default=0,
                     help="videos and captions through CLIP per baseline step (0: the batch on CUDA, 4 on CPU)")
@@ -276,12 +307,15 @@ def parse(argv=None):
     ap.add_argument("--growth-sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--growth-steps", type=int, default=4)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = {
         "benchmark": "stage-two training speed", "device": str(device), "machine": machine(device),
         "date": dt.date.today().isoformat(), "command": "python benchmarks/train_speed.py " + " ".join(
@@ -303,10 +337,17 @@ def main(argv=None) -> dict:
             report["cache"] = build_cache(cache, args)
         try:
             report["training"] = tr = measure_training(cache, args, device)
+            if args.reference:  # today's implementation before issue 14, same loop, same run
+                report["reference"] = ref = measure_training(cache, args, device, legacy_denoise_pairs)
+                report["speedup_vs_reference"] = r(ref["seconds_per_step"] / tr["seconds_per_step"], 2)
+                report["same_loss_as_reference"] = ref["loss"] is not None and tr["loss"] is not None and \
+                    abs(ref["loss"] - tr["loss"]) <= 1e-3 * max(1.0, abs(ref["loss"]))
         finally:
             if tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
         report["extrapolated"] = tr["extrapolated"]
+        if args.roofline:
+            report["roofline"] = roof(args, device, tr, report.get("reference"))
         if args.baseline:
             report["baseline"] = base = measure_baseline(args, device)
             report["ratio"] = r(base["seconds_per_step"] / tr["seconds_per_step"], 1)

@@ -30,8 +30,11 @@ VIDEOS_FILE = "videos.parquet"
 FAILURES_FILE = "failures.parquet"
 SHARD_DIR = "shards"
 STAGE1_FILE = "stage1.pt"  # extract/checkpoint.py
+FOLDER_INPUTS_FILE = "folder-inputs.parquet"  # a folder collection's files when extracted (extract/grow.py)
 TRAIN_STATE_FILE = "train-state.pt"
 PARTS_DIR = "parts"  # extract/merge.py
+INDEX_DIR = "index"  # the first-stage search index (cache/index.py)
+INDEX_FILES = ("first-stage.faiss",)
 WRITE_PROBE_PREFIX = ".write-test-"  # extract/dump.py checks that --out can be written with such a file
 
 CAPTION_SCHEMA = pa.schema(
@@ -76,10 +79,10 @@ def cache_files() -> set[str]:
     """The top-level file names diffret writes into a cache folder (with the folders CACHE_DIRS)."""
     from .manifest import MANIFEST_NAME  # manifest.py imports this module
 
-    return {MANIFEST_NAME, CAPTIONS_FILE, VIDEOS_FILE, FAILURES_FILE, STAGE1_FILE, TRAIN_STATE_FILE}
+    return {MANIFEST_NAME, CAPTIONS_FILE, VIDEOS_FILE, FAILURES_FILE, STAGE1_FILE, TRAIN_STATE_FILE, FOLDER_INPUTS_FILE}
 
 
-CACHE_DIRS = (SHARD_DIR, PROGRESS_DIR, PARTS_DIR)
+CACHE_DIRS = (SHARD_DIR, PROGRESS_DIR, PARTS_DIR, INDEX_DIR)
 
 
 def _temporary(name: str) -> bool:
@@ -90,7 +93,7 @@ def _foreign_in(folder: Path, rel: str, extra: tuple[str, ...]) -> list[str]:
     """Paths (relative, `rel` + name) under the cache folder `folder` that diffret did not write."""
     files = cache_files() | set(extra)
     inside = {SHARD_DIR: lambda n: bool(_SHARD.fullmatch(n)), PROGRESS_DIR: lambda n: n == RUN_FILE or bool(
-        _ENTRY.fullmatch(n))}
+        _ENTRY.fullmatch(n)), INDEX_DIR: lambda n: n in INDEX_FILES}
     out = []
     for p in sorted(folder.iterdir()):
         name = p.name

@@ -12,14 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import atomic_write_text
-from .layout import CAPTIONS_FILE, FAILURES_FILE, VIDEOS_FILE
+from .layout import CAPTIONS_FILE, FAILURES_FILE, FOLDER_INPUTS_FILE, VIDEOS_FILE
 
 SCHEMA_VERSION = 2  # 2: model.activation, wti_padding (the fidelity round), files (every file's sha256)
 MANIFEST_NAME = "manifest.json"
 STAGE1_FILE = "stage1.pt"  # the stage-1 checkpoint a cache's features came from (extract/checkpoint.py writes it)
 # The files of a cache (besides the manifest and the shards, which have their own records) whose
 # sha256 the manifest records in `files` when present: every file diffret writes there and later trusts.
-CHECKSUMMED_FILES = (CAPTIONS_FILE, VIDEOS_FILE, FAILURES_FILE, STAGE1_FILE)
+CHECKSUMMED_FILES = (CAPTIONS_FILE, VIDEOS_FILE, FAILURES_FILE, STAGE1_FILE, FOLDER_INPUTS_FILE)
 
 
 class CacheError(RuntimeError):
@@ -58,6 +58,13 @@ class Manifest:
     # sha256 of every other file of the cache that diffret wrote and trusts (CHECKSUMMED_FILES that
     # exist), by path relative to the cache root: {"captions.parquet": hex, ...}. Set by file_checksums.
     files: dict = field(default_factory=dict)
+    # The first-stage search index in index/ (cache/index.py), when `diffret index` built one: its kind,
+    # parameters, the rows it covers, the cache content it was built from and its files' sha256.
+    index: dict = field(default_factory=dict)
+    # How the stage-1 checkpoint was chosen (extract --select-on): {"on": "last"} or {"on": "val",
+    # "val": {"source": "dataset" | "held-out", "fraction", "seed", "video_ids": [...]}, "best": {...}}.
+    # Held-out validation videos are not in the train split; they are the cache's "val" split.
+    selection: dict = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
@@ -74,6 +81,19 @@ class Manifest:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def held_out_videos(video_ids, fraction: float, seed: int) -> list[str]:
+    """The validation videos held out of `video_ids` when a dataset has no validation split of its own:
+    round(fraction x n) of them (at least 1 when fraction > 0, always leaving one to train on), drawn
+    by a seeded hash of each id, so the choice depends on the ids, the fraction and the seed only
+    (not on their order). Stage one (extract) and stage two (train-generator) both use it. -> sorted ids."""
+    ids = sorted(set(map(str, video_ids)))
+    if fraction <= 0 or len(ids) < 2:
+        return []
+    n = min(len(ids) - 1, max(1, round(fraction * len(ids))))
+    key = lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest()  # noqa: E731
+    return sorted(sorted(ids, key=key)[:n])
+
+
 def write_manifest(root: Path, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     atomic_write_text(path, json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -84,7 +104,8 @@ _INT, _NUM, _STR, _OBJ, _LIST = "an integer", "a number", "a string", "an object
 # The manifest's keys and their JSON types; the required ones first (the others have defaults).
 REQUIRED_KEYS = {"schema_version": _INT, "width": _INT, "n_words": _INT, "n_frames": _INT, "model": _OBJ,
                  "extract_config": _OBJ, "splits": _OBJ, "shards": _LIST}
-OPTIONAL_KEYS = {"dataset": _STR, "dtype": _STR, "logit_scale": _NUM, "wti_padding": _STR, "files": _OBJ}
+OPTIONAL_KEYS = {"dataset": _STR, "dtype": _STR, "logit_scale": _NUM, "wti_padding": _STR, "files": _OBJ,
+                 "index": _OBJ, "selection": _OBJ}
 _SHARD_KEYS = {"file": _STR, "kind": _STR, "split": _STR, "rows": _INT, "sha256": _STR}
 
 

@@ -82,6 +82,9 @@ def _raw_chunks(ds: h5py.Dataset, dest: np.ndarray) -> list[tuple[int, int]] | N
     return chunks
 
 
+raw_chunks = _raw_chunks  # public for cache/rows.py, which reads single rows at these offsets
+
+
 def read_shard_into(path: Path, out: dict[str, np.ndarray], start: int) -> int:
     """Read every dataset named in `out` into out[name][start:start + rows]; returns the shard's
     row count. The cache's own layout (uncompressed row chunks) is read with one `preadv` per

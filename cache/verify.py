@@ -9,7 +9,8 @@ manifest.splits); index <-> tensor consistency (every index row points at an exi
 shard of its kind and split, in write order, n_words / n_frames equal to the masks, ids unique,
 every caption's video in the same split); failures.parquet; last, the sha256 of every other file
 the manifest records (`files`: the index files, failures.parquet, stage1.pt), each file of those
-names in the folder being recorded. Stray files are reported as notes.
+names in the folder being recorded; then the search index when the manifest lists one (cache/index.py:
+its file's sha256, its rows, not stale). Stray files are reported as notes.
 """
 from __future__ import annotations
 
@@ -170,8 +171,11 @@ def verify_cache(root: Path, progress=None) -> dict:
         raise CacheError(f"{root}: the manifest counts {m.splits} but the index holds {splits}")
     failures = _read_index(root, FAILURES_FILE, FAILURE_SCHEMA)
     _check_files(root, m)  # after the checks above, which name what is wrong more precisely
+    from .index import verify_index  # the search index (index/): listed, whole, not stale
 
-    notes = []
+    index_note = verify_index(root, m)
+
+    notes = [index_note] if index_note else []
     listed = {Path(f).name for f in files}
     stray = sorted(p.name for p in (root / SHARD_DIR).iterdir() if p.name not in listed) if (root / SHARD_DIR).is_dir() else []
     if stray:

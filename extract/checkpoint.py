@@ -68,11 +68,13 @@ def _load(path: Path) -> dict:
     return obj
 
 
-def save_stage1(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str, history: list | None = None) -> None:
+def save_stage1(path: Path, model: Stage1Model, cfg: ExtractConfig, fp: str, history: list | None = None,
+                selection: dict | None = None) -> None:
+    """`selection`: with --select-on val, which weights were kept and why (the manifest repeats it)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_open(path) as fh:
         torch.save({"config": cfg.to_dict(), "fingerprint": fp, "activation": activation_of(model),
-                    "history": list(history or []), "state_dict": state}, fh)
+                    "history": list(history or []), "selection": selection, "state_dict": state}, fh)
 
 
 def recorded_activation(ckpt: dict, where: str | Path) -> str:
@@ -173,12 +175,15 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_train_state(path: Path, model, optimizer, scheduler, scaler, epochs_done: int, history: list,
-                     cfg: ExtractConfig) -> None:
+                     cfg: ExtractConfig, extra: dict | None = None) -> None:
+    """scheduler None: BertAdam schedules itself. `extra`: more entries (the EMA copy, the selector's
+    state with its best weights), all in the one atomic write of the epoch."""
     with atomic_open(path) as fh:
         torch.save({
             "config": cfg.to_dict(), "epochs_done": epochs_done, "history": list(history),
-            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state(), "activation": activation_of(model),
+            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "rng": rng_state(), "activation": activation_of(model), **(extra or {}),
         }, fh)
 
 
@@ -200,7 +205,8 @@ def restore_train_state(state: dict, model, optimizer, scheduler, scaler) -> tup
                               f"model runs {now}; pass --overwrite to start over")
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return int(state["epochs_done"]), list(state["history"])

@@ -14,6 +14,9 @@ from diffret.cache.numbers import check_numbers
 from diffret.cache.wti import WTI_PADDINGS, check_padding
 
 from .annotations import dataset_names
+from .recipe import RECIPES
+
+SELECT_ON = ("last", "val")  # the weights kept: the last epoch's, or the best on validation
 
 # Frame and word slots per dataset when --frames / --words are not given (the original's
 # settings: the paragraph-retrieval sets of long videos use 64 frames and 64 words).
@@ -84,6 +87,7 @@ NUMBER_RULES = {
     "epochs": ">=0", "batch_size": ">=1", "lr": ">0", "clip_lr_scale": ">=0", "weight_decay": ">=0",
     "adam_betas": "[0,1)", "adam_eps": ">0", "warmup": "[0,1]", "grad_clip": ">0", "dsl_temp": ">0",
     "temporal_layers": ">=0", "workers": ">=0", "seed": ">=0", "shard_rows": ">=1", "decode_timeout": ">0",
+    "val_fraction": "[0,1)", "eval_every": ">=1", "ema": "[0,1)",
 }
 
 
@@ -93,7 +97,8 @@ class ExtractConfig:
 
     dataset: str = field(default="msrvtt", metadata={"help": (
         f"Annotation format of --data-root: {', '.join(dataset_names()[:-1])}, or {dataset_names()[-1]} "
-        "(a CSV / JSONL file of video,caption,split for your own videos).")})
+        "(a CSV / JSONL file of video,caption,split for your own videos); folder: every video file below "
+        "--data-root, without captions (for search; dump it with --stage1).")})
     data_root: str = field(default="", metadata={
         "required": True, "path": True, "parse": lambda p: str(Path(p).resolve()),
         "help": "Dataset folder (for --dataset manifest: the manifest file, or its folder)."})
@@ -131,10 +136,31 @@ class ExtractConfig:
     lr: float = field(default=1e-4, metadata={  # temporal transformer, WTI head
         "help": "Learning rate of the new modules."})
     clip_lr_scale: float = field(default=1e-3, metadata={"help": "CLIP's lr = lr x this."})
+    recipe: str = field(default="original", metadata={  # see recipe.py
+        "choices": RECIPES,
+        "help": "original: BertAdam as the original trains (no bias correction; warm-up, then cos(pi x) of the total "
+                "progress x, so the lr drops right after the warm-up); decay 0.2 on every weight whose name has no "
+                "'bias' or 'LayerNorm.' (embeddings, logit_scale, ln_* weights too); CLIP's conv1 frozen; CLIP's "
+                "weights float16, updated in place (a GPU: float16 tensors, no gradient scaler for them; a CPU: "
+                "float32 rounded to float16 after every update). modern: AdamW, decay on matrices, cosine after "
+                "the warm-up, all float32, conv1 trained."})
     weight_decay: float = 0.2
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = 1e-6
     warmup: float = field(default=0.1, metadata={"help": "Fraction of the steps with linear warm-up (then cosine)."})
+    select_on: str = field(default="last", metadata={  # see pipeline/selection.py
+        "choices": SELECT_ON,
+        "help": "Which weights stage 1 keeps: the last epoch's, or the best by t2v R@1 on a validation split (the "
+                "dataset's own where it has one, else --val-fraction of the training videos held out and cached as "
+                "the val split), raw or EMA, evaluated every --eval-every steps and at each epoch end. The test split "
+                "is never read while training."})
+    val_fraction: float = field(default=0.1, metadata={
+        "help": "With --select-on val and no validation split in the dataset: the share of training videos held "
+                "out (seeded by --seed)."})
+    eval_every: int = field(default=150, metadata={"help": "With --select-on val: validate every N steps (and at "
+                                                          "each epoch end)."})
+    ema: float = field(default=0.99, metadata={"help": "With --select-on val: the EMA decay of the weights also "
+                                                      "validated (the original's --moment)."})
     grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clipping."})
     loss: str = field(default="infonce", metadata={  # see model.dual_softmax_loss
         "choices": LOSSES, "help": "Training loss: symmetric InfoNCE, or the dual softmax loss (temperature 1000)."})
@@ -168,6 +194,9 @@ class ExtractConfig:
         self.adam_betas = tuple(self.adam_betas)
         check_padding(self.wti_padding)
         check_sampling(self.frame_rule, self.target_fps, self.end_second)
+        for name, known in (("recipe", RECIPES), ("select_on", SELECT_ON)):
+            if getattr(self, name) not in known:
+                raise ValueError(f"unknown {name.replace('_', '-')} {getattr(self, name)!r}; known: {', '.join(known)}")
         if self.frame_padding not in FRAME_PADDINGS:
             raise ValueError(f"unknown frame padding {self.frame_padding!r}; known: {', '.join(FRAME_PADDINGS)}")
 
@@ -190,13 +219,18 @@ TRAINING_FIELDS = (
     "wti_padding",  # the similarity the loss trains (and the cache is scored by)
     "frame_rule", "end_second",  # which frames are decoded
     "frame_padding",  # the dumped padded slots only (never the weights): a resumed dump must not mix two kinds
+    "recipe", "select_on",
 )
+SELECTION_FIELDS = ("val_fraction", "eval_every", "ema")  # decide the weights only with select_on "val"
+# What a config written before a field existed meant (the recipe then was AdamW; the last epoch was kept).
+LEGACY = {"recipe": "modern", "select_on": "last"}
 
 
 def recipe_mismatch(saved: dict, cfg: ExtractConfig) -> str | None:
     """The first training field where `saved` (a config dict) differs from `cfg`, as a phrase; else None."""
-    now = cfg.to_dict()
-    for name in TRAINING_FIELDS:
+    now, saved = cfg.to_dict(), {**LEGACY, **saved}
+    names = TRAINING_FIELDS + (SELECTION_FIELDS if now["select_on"] == "val" == saved["select_on"] else ())
+    for name in names:
         a, b = saved.get(name), now.get(name)
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             a, b = list(a), list(b)

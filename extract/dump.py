@@ -277,7 +277,7 @@ def cached_inputs_changed(out: Path, ann) -> str | None:
         return f"unreadable {CAPTIONS_FILE}: {e}"
     cached = {r["caption_id"]: r["caption"] for r in rows}
     in_cache = {r["video_id"] for r in rows}
-    now = {c.caption_id: c.text for c in ann.captions if c.video_id in in_cache and c.split in ("train", "test")}
+    now = {c.caption_id: c.text for c in ann.captions if c.video_id in in_cache and c.split in ("train", "val", "test")}
     for cid, text in now.items():
         if cached.get(cid) != text:
             return f"caption {cid} " + ("was added" if cid not in cached else "changed") + " in the annotations"

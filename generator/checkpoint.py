@@ -14,6 +14,7 @@ finishes an interrupted commit's renames (`finish_commit`). Folders written befo
 are read as they are."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -198,6 +199,19 @@ def _generator_files(t2v: nn.Module, v2t: nn.Module, meta: dict) -> dict[str, by
     # The checksum of the bytes written (not re-read from disk), recorded beside them.
     text = json.dumps({**meta, WEIGHTS_SHA_KEY: _sha(data)}, indent=2) + "\n"
     return {WEIGHTS_NAME: data, META_NAME: text.encode("utf-8")}
+
+
+def best_modules(modules: list[nn.Module], best: dict | None) -> list[nn.Module]:
+    """[t2v, v2t] holding the weights of `best` ({"t2v": state dict, "v2t": ...}, the validation
+    selector's best: pipeline/selection.py), as copies; `modules` themselves when best is None."""
+    if best is None:
+        return list(modules)
+    out = []
+    for name, m in zip(("t2v", "v2t"), modules):
+        m = copy.deepcopy(m)
+        m.load_state_dict(best[name])
+        out.append(m)
+    return out
 
 
 def save_generator(out: Path, t2v: nn.Module, v2t: nn.Module, meta: dict) -> None:

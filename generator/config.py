@@ -18,10 +18,12 @@ from .schedule import SCHEDULE_KINDS, ScheduleConfig
 # cosine over all steps, weight decay on non-bias weights, layers start N(0, 0.02) with zero bias;
 # modern: AdamW at a constant lr, PyTorch's default initialisation
 RECIPES = ("original", "modern")
+SELECT_ON = ("last", "val")  # generator.pt: the last epoch's weights, or the best on validation
 
 # The range of each number of GeneratorConfig (cache/numbers.py: every number must also be finite);
 # validate() adds the bounds that depend on each other or on the denoisers.
-NUMBER_RULES = {"grad_clip": ">0", "temp": ">0", "seed": ">=0", "weight_decay": ">=0"}
+NUMBER_RULES = {"grad_clip": ">0", "temp": ">0", "seed": ">=0", "weight_decay": ">=0", "val_fraction": "[0,1)",
+                "eval_every": ">=1"}
 
 
 @dataclass
@@ -54,6 +56,16 @@ class GeneratorConfig:
     temp: float = 1.0  # text-frame attention temperature inside the denoisers
     seed: int = 0
     device: str = "auto"
+    select_on: str = field(default="last", metadata={"choices": SELECT_ON, "help": (
+        "Which weights generator.pt holds: the last epoch's EMA (or raw with --ema 0), or the best by t2v R@1 of "
+        "the diffusion row on a validation split (the cache's val split, else --val-fraction of the training "
+        "videos held out), raw or EMA, evaluated every --eval-every steps and at each epoch end. The test split "
+        "is never read while training.")})
+    val_fraction: float = field(default=0.1, metadata={"help": (
+        "With --select-on val and a cache without a val split: the share of training videos held out (seeded "
+        "by --seed; recorded in generator.json).")})
+    eval_every: int = field(default=150, metadata={"help": "With --select-on val: validate every N steps (and at "
+                                                          "each epoch end)."})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +76,7 @@ class GeneratorConfig:
         if self.train_steps > MAX_TIMESTEPS:
             raise ValueError(f"--steps must be at most {MAX_TIMESTEPS} (the denoisers' timestep table), "
                              f"got {self.train_steps}")
-        for name in ("schedule", "loss", "x0", "negatives", "recipe"):
+        for name in ("schedule", "loss", "x0", "negatives", "recipe", "select_on"):
             allowed = self.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

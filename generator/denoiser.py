@@ -1,41 +1,44 @@
-"""The two DiffusionRet denoisers: text->video (T2V) and video->text (V2T).
+"""The two DiffusionRet denoisers, text->video (T2V) and video->text (V2T): all of their algebra.
 
-Each maps a noisy candidate distribution x_t [B, K] and a timestep t [B] to an x0
-prediction [B, K] over K candidates of one query. Parameter and buffer names follow
-the released code, so its state dict loads as is (including the shared positional
-table, stored as both ``sequence_pos_encoder.pe`` and
-``embed_timestep.sequence_pos_encoder.pe``).
+Each maps a noisy candidate distribution x_t [B, K] and a timestep t [B] to an x0 prediction
+[B, K] over K candidates of one query. Parameter and buffer names follow the released code, so
+its state dict loads as is (including the shared positional table, stored as both
+``sequence_pos_encoder.pe`` and ``embed_timestep.sequence_pos_encoder.pe``).
 
-For speed the computation is split in two:
+``reference_forward`` is the formula written out plainly. Everything else is ONE fast path, used
+by training, top-K re-ranking, whole-gallery generation and the sampler alike (tests check it
+equals the reference in values and gradients):
 
-* ``prepare(...) -> Context``: everything independent of (t, x_t), done once.
-* ``denoise(x_t, t, ctx)``: the per-step part, O(B K D) plus O(B D^2).
+* ``items(gallery, mask)`` -> Items: what depends on the gallery only (T2V: frames and, when it
+  pays, the frames through the decoder's first layer; V2T: the texts' first-layer and key terms);
+* ``context(query, query_mask, items, index)`` -> Context: what depends on (query, candidate)
+  but not on (t, x_t), for candidates ``index`` [B, K] into the items (None: all of them);
+* ``denoise(x_t, t, ctx)`` (training) and ``sampling(ctx, timesteps)`` (all steps of a sampler,
+  their step-only terms precomputed) run the same per-step formula, ``_predict``.
 
-Linearity is used throughout (``k_proj(v + c) = k_proj(v) + k_proj(c)``, and
-``q . k_proj(v) = k_proj^T(q) . v``), and terms that are constant over the K
-candidates are dropped from the softmax logits (softmax is shift-invariant), so the
-context only holds the pooled candidates and the decoder's first-layer contribution.
-``reference_forward`` is the formula written out plainly; tests check they agree.
+Algebra used (all exact): linearity (``k_proj(v + c) = k_proj(v) + k_proj(c)``,
+``q . k_proj(v) = k_proj^T(q) . v``); terms constant over the K candidates dropped from the
+softmax logits; proj . v_proj . decoder[0] (e half) folded into one affine map (the "head");
+and the factored first layer: decoder[0] sees cat[e, v_k] with v_k = sum_f a_f frame_f, so its
+candidate half is W1c v_k = sum_f a_f (W1c frame_f): each distinct video's frames are projected
+once ([U, F, D] x [D, 2D]) and pooled as projections (F x 2D a pair) instead of a [D, 2D] product
+for every (query, candidate) pair.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "PositionalEncoding",
-    "TimestepEmbedder",
-    "T2VDenoiser",
-    "V2TDenoiser",
-    "T2VContext",
-    "V2TContext",
-    "count_parameters",
-    "original_init_",
-]
+from .fused import add_relu_dot
+
+__all__ = ["PositionalEncoding", "TimestepEmbedder", "T2VDenoiser", "V2TDenoiser", "Items", "Context",
+           "count_parameters", "original_init_", "MAX_TIMESTEPS"]
+
+PROJ_BUDGET = 1 << 30  # bytes: the factored first layer keeps [U, F, 2D] projected frames at most this large
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -45,9 +48,8 @@ def count_parameters(module: nn.Module) -> int:
 
 @torch.no_grad()
 def original_init_(module: nn.Module, std: float = 0.02) -> nn.Module:
-    """Re-initialise as the original's `init_weights` (modeling.py, applied to the whole model before
-    loading CLIP): Linear and Embedding weights N(0, std), Linear biases 0, LayerNorm weight 1 and
-    bias 0. The positional table is a buffer and stays. In place; returns the module."""
+    """Re-initialise as the original's `init_weights`: Linear and Embedding weights N(0, std), Linear
+    biases 0, LayerNorm weight 1 and bias 0. The positional table is a buffer and stays. In place."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             m.weight.normal_(mean=0.0, std=std)
@@ -90,29 +92,86 @@ class TimestepEmbedder(nn.Module):
         return self.time_embed(self.sequence_pos_encoder.pe[t].squeeze(-2))
 
 
-def _attend_frames(queries: Tensor, frames: Tensor, mask: Tensor, temp: float) -> Tensor:
-    """Query-guided frame pooling, exactly as the original.
-
-    queries [..., Q, D], frames [..., F, D], mask [..., F] -> [..., Q, D], with weights
-    softmax_F(q . f / temp) * mask: the softmax runs over all F frames and is not renormalised.
-    """
-    a = torch.softmax(queries @ frames.transpose(-1, -2) / temp, dim=-1)
-    a = a * mask.to(a.dtype).unsqueeze(-2)
-    return a @ frames
-
-
 def _timestep(t, device) -> Tensor:
-    """Timesteps as LongTensor [B], or [1] when all rows share one t (an int, or a stride-0
-    tensor such as ``torch.full((1,), t).expand(B)``, which the samplers pass): the time
-    embedding then costs O(D^2) instead of O(B D^2) and broadcasts over the batch."""
+    """Timesteps as LongTensor [B], or [1] when all rows share one t (an int, or a stride-0 tensor
+    such as ``torch.full((1,), t).expand(B)``): the time terms then cost O(D^2), not O(B D^2)."""
     t = torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1)
     if t.numel() > 1 and t.stride(0) == 0:
         t = t[:1]
     return t
 
 
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, U, ...], index [B, K] into U -> [B, K, ...]."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index[..., None].expand(-1, -1, *x.shape[2:]))
+
+
+def _rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] for x [U, ...], index [B, K] -> [B, K, ...] (a row gather)."""
+    return x[index]
+
+
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """x [B|1, K, D] . y [B|1, D] over D -> [B|1, K]."""
+    if y.shape[0] == 1:
+        return x @ y[0]
+    if x.shape[0] == 1:
+        return y @ x[0].t()
+    return torch.bmm(x, y.unsqueeze(-1)).squeeze(-1)
+
+
+def _pool(w: Tensor, x: Tensor) -> Tensor:
+    """sum_k w[b, k] x[b|0, k] : w [B, K], x [B|1, K, E] -> [B, E]."""
+    return w @ x[0] if x.shape[0] == 1 else torch.bmm(w.unsqueeze(1), x).squeeze(1)
+
+
+@dataclass
+class Items:
+    """Gallery-only tables of U items. T2V: tokens = frames [U, F, D], mask [U, F], proj = frames
+    through decoder[0]'s candidate half [U, F, 2D] or None (then each pair's pooled video is
+    projected). V2T: tokens = texts [U, D], proj = W1c text [U, 2D], keys = Wq^T Wk text [U, D];
+    sampling only: headed = the texts through the head, M text [U, 2D] (the candidates it pools)."""
+
+    tokens: Tensor
+    mask: Tensor | None = None
+    proj: Tensor | None = None
+    keys: Tensor | None = None
+    headed: Tensor | None = None
+
+
+@dataclass
+class Context:
+    """Step-independent tables of B queries over U slots (both directions have this form). A leading
+    axis of 1 means shared by every query (whole-gallery generation never copies it). Candidate k
+    of query b is slot index[b, k] (None: slot k), so candidates the batch shares (training's
+    in-batch items) are computed once a slot, never gathered per candidate.
+
+    base [B|1, U]: logits without t; feats: tensors [B|1, U, D] whose dot with the step vectors
+    (`_step_vectors`) are the t-dependent logits; cand [B|1, U, D]: pooled by the attention weights
+    into the head input; dec [B|1, U, 2D]: decoder[0]'s candidate half W1c v (its bias is the
+    head's); head: (M [2D, D], b [2D]), proj . v_proj . decoder[0]'s e half as one affine map
+    (None in training, which unfolds it); headed [B|1, U, 2D] or None: the candidates through the
+    head, cand M^T, when the items hold it."""
+
+    base: Tensor
+    feats: tuple
+    cand: Tensor
+    dec: Tensor
+    head: tuple
+    headed: Tensor | None = None
+    index: Tensor | None = None
+
+    def rows(self, sl: slice) -> "Context":
+        """The queries `sl` of this context (shared tables stay shared)."""
+        pick = lambda x: x if x is None or x.shape[0] == 1 else x[sl]  # noqa: E731
+        return Context(pick(self.base), tuple(pick(f) for f in self.feats), pick(self.cand), pick(self.dec),
+                       self.head, pick(self.headed), None if self.index is None else self.index[sl])
+
+
 class _Denoiser(nn.Module):
-    """Shared layers. Names match the released checkpoint."""
+    """Shared layers (names match the released checkpoint) and the per-step formula."""
 
     def __init__(self, width: int, temp: float = 1.0):
         super().__init__()
@@ -126,177 +185,242 @@ class _Denoiser(nn.Module):
         self.embed_timestep = TimestepEmbedder(width, self.sequence_pos_encoder)
         self.decoder = nn.Sequential(nn.Linear(2 * width, 2 * width), nn.ReLU(), nn.Linear(2 * width, 1))
 
-    def _decoder_candidate_part(self, cand: Tensor) -> Tensor:
-        """First decoder layer's contribution of the candidate half of cat[e, cand] (+ bias): [B,K,D] -> [B,K,2D]."""
-        lin = self.decoder[0]
-        return nn.functional.linear(cand, lin.weight[:, self.width :], lin.bias)
+    # ---------------------------------------------------------------- shared pieces of the algebra
+    def _first_layer(self, x: Tensor) -> Tensor:
+        """decoder[0]'s candidate half W1c x, without its bias (that is in the head's): [..., D] -> [..., 2D]."""
+        return x @ self.decoder[0].weight[:, self.width:].t()
 
-    def _fused_head(self) -> tuple[Tensor, Tensor]:
-        """decoder[0]'s e-half after proj after v_proj, as one affine map: (M [2D,D], b [2D]).
-
-        e = proj(v_proj(x)) is linear in x, so W1e e = (W1e P V) x + W1e b_P: one [B,D]x[D,2D]
-        product per step instead of three. Without gradients (sampling) it is kept until a weight
-        changes (in place, or moved): two [2D,D]x[D,D] products are ~1 GFLOP at D = 512.
-        """
+    def _head(self) -> tuple[Tensor, Tensor]:
+        """decoder[0]'s e-half after proj after v_proj as one affine map, with decoder[0]'s bias:
+        (M [2D, D], b [2D]), W1e proj(v_proj(x)) + b1 = (W1e P V) x + W1e b_P + b1. Without
+        gradients it is kept until a weight changes."""
         if torch.is_grad_enabled():
-            return self._compute_fused_head()
-        weights = (self.decoder[0].weight, self.proj.weight, self.proj.bias, self.v_proj.weight)
+            return self._compute_head()
+        weights = (self.decoder[0].weight, self.decoder[0].bias, self.proj.weight, self.proj.bias, self.v_proj.weight)
         key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
         cached = self.__dict__.get("_head_cache")
         if cached is None or cached[0] != key:
-            cached = self._head_cache = (key, self._compute_fused_head())
+            cached = self._head_cache = (key, self._compute_head())
         return cached[1]
 
-    def _compute_fused_head(self) -> tuple[Tensor, Tensor]:
+    def _compute_head(self) -> tuple[Tensor, Tensor]:
         w1e = self.decoder[0].weight[:, : self.width]
-        return w1e @ self.proj.weight @ self.v_proj.weight, w1e @ self.proj.bias
+        return w1e @ self.proj.weight @ self.v_proj.weight, w1e @ self.proj.bias + self.decoder[0].bias
 
-    def _decode(self, x: Tensor, ctx, dec_cand: Tensor, w: Tensor) -> Tensor:
-        """decoder(cat[proj(v_proj(x)), cand]) + w from x [B,D] (pooled + c), the context's fused
-        head, precomputed dec_cand [B,K,2D] and w [B,K] -> [B,K]."""
-        m, b = ctx.head
-        he = (x @ m.T + b).unsqueeze(1)
-        if torch.is_grad_enabled():
-            h = dec_cand + he
-        else:  # sampling: one [B,K,2D] buffer for all steps; a fresh one each step costs as much as the math
-            if ctx.scratch is None or ctx.scratch.shape != dec_cand.shape:
-                ctx.scratch = torch.empty_like(dec_cand)
-            h = torch.add(dec_cand, he, out=ctx.scratch)
+    def _time_terms(self, t: Tensor, head) -> tuple[tuple, Tensor]:
+        """t LongTensor [S] -> (step vectors, each [S, D]; the time embedding's share of the head input [S, 2D])."""
+        c = self.embed_timestep(t)
+        m, b = head
+        return self._step_vectors(c), c @ m.t() + b
+
+    def _sampling_terms(self, timesteps: tuple, device, head) -> tuple[tuple, Tensor]:
+        """`_time_terms` of a sampler's timesteps, kept (like the head) until a weight changes: every
+        block of queries shares them (recomputing them per block cost ~1 ms each)."""
+        key = (timesteps, str(device), tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        cached = self.__dict__.get("_terms_cache")
+        if torch.is_grad_enabled() or cached is None or cached[0] != key:
+            tt = torch.as_tensor(timesteps, dtype=torch.long, device=device)
+            cached = (key, self._time_terms(tt, head))
+            if not torch.is_grad_enabled():
+                self._terms_cache = cached
+        return cached[1]
+
+    def _head_chain(self, x: Tensor) -> Tensor:
+        """The head input unfolded, W1e proj(v_proj(x)) + b1: [B, D] -> [B, 2D]. Cheaper than
+        folding the head (4 D^3 multiply-adds) when it runs on fewer than D rows once (training)."""
+        return nn.functional.linear(self.proj(self.v_proj(x)), self.decoder[0].weight[:, :self.width],
+                                    self.decoder[0].bias)
+
+    def _predict(self, ctx: Context, x_t: Tensor, logits: Tensor, hb: Tensor | None = None, vm: Tensor | None = None,
+                 out: Tensor | None = None, c: Tensor | None = None) -> Tensor:
+        """The per-step formula: logits [B|1, U] (all but x_t) -> x0_hat [B, K].
+
+        w = softmax(logits + x_t); head input he = W1e proj(v_proj(sum_k w_k cand_k + c)) + b1, as
+        the folded head (M pooled + hb, hb [B|1, 2D] its time share; vm = cand M^T precomputed when
+        cheaper) or, given c [B|1, D], as the chain; x0_hat = relu(dec + he) . w2 + b2 + w. With an
+        index the weights are summed per slot and relu(dec + he) . w2 is computed once a slot."""
         lin2 = self.decoder[2]
-        return h.relu_() @ lin2.weight[0] + lin2.bias + w
+        if ctx.index is None:
+            w = torch.softmax(logits + x_t, dim=-1)
+            slot_w = w
+        else:
+            w = torch.softmax(logits.expand(x_t.shape[0], -1).gather(1, ctx.index) + x_t, dim=-1)
+            slot_w = torch.zeros(w.shape[0], ctx.dec.shape[1], dtype=w.dtype, device=w.device).scatter_add(
+                1, ctx.index, w)
+        if c is not None:
+            he = self._head_chain(_pool(slot_w, ctx.cand) + c)
+        elif vm is not None:
+            he = _pool(slot_w, vm) + hb
+        else:
+            he = torch.addmm(hb, _pool(slot_w, ctx.cand), ctx.head[0].t())
+        if ctx.index is None:
+            return add_relu_dot(ctx.dec, he, lin2.weight[0], lin2.bias, w, out=out)
+        return add_relu_dot(ctx.dec, he, lin2.weight[0], lin2.bias, None, out=out).gather(1, ctx.index) + w
 
-    def _decode_plain(self, e: Tensor, cand: Tensor, w: Tensor) -> Tensor:
-        emb = torch.cat([e.unsqueeze(1).expand(-1, cand.shape[1], -1), cand], dim=-1)
-        return self.decoder(emb).squeeze(-1) + w
+    # ---------------------------------------------------------------- public fast path
+    def denoise(self, x_t: Tensor, t, ctx: Context) -> Tensor:
+        """x_t [B, K], t LongTensor [B] (or int, or stride-0) -> x0_hat [B, K]; differentiable."""
+        c = self.embed_timestep(_timestep(t, x_t.device))  # [B or 1, D]
+        logits = ctx.base + sum(_rowdot(f, gi) for f, gi in zip(ctx.feats, self._step_vectors(c)))
+        if torch.is_grad_enabled():  # training: B rows once, the unfolded head is cheaper
+            return self._predict(ctx, x_t, logits, c=c)
+        m, b = ctx.head
+        return self._predict(ctx, x_t, logits, c @ m.t() + b)
 
+    def sampling(self, ctx: Context, timesteps: list[int]):
+        """predict(i, x_t [B, K]) -> x0_hat at timesteps[i], everything that no x_t changes
+        precomputed: every step's logits but x_t ([S, B, U], one product), the head input's time
+        share, the candidates through the head when U <= 2 S, one [B, U, 2D] scratch buffer."""
+        if ctx.head is None:
+            ctx = replace(ctx, head=self._head())
+        g, hb = self._sampling_terms(tuple(timesteps), ctx.base.device, ctx.head)
+        logits = ctx.base.unsqueeze(-1) + sum(f @ gi.t() for f, gi in zip(ctx.feats, g))  # [B|1, U, S]
+        B = max(x.shape[0] for x in (ctx.base, ctx.dec, *ctx.feats))
+        U = ctx.dec.shape[1]
+        logits = logits.expand(B, U, -1).permute(2, 0, 1).contiguous()
+        vm = ctx.headed if ctx.headed is not None else ctx.cand @ ctx.head[0].t() if U <= 2 * len(timesteps) else None
+        scratch = torch.empty((B, U, ctx.dec.shape[-1]), dtype=ctx.dec.dtype, device=ctx.dec.device)
+        return lambda i, x_t: self._predict(ctx, x_t, logits[i], hb[i:i + 1], vm, scratch)
 
-@dataclass
-class T2VContext:
-    """Step-independent state of :class:`T2VDenoiser`.
-
-    text_qk: k_proj^T q_proj(text) [B, D]; videos: pooled candidates v_k [B, K, D];
-    dec_videos: decoder first-layer contribution of v_k incl. bias [B, K, 2D].
-    """
-
-    text_qk: Tensor
-    videos: Tensor
-    dec_videos: Tensor
-    head: tuple[Tensor, Tensor]  # fused proj . v_proj . decoder[0] (e half): M [2D, D], b [2D]
-    scratch: Tensor | None = None  # reused [B, K, 2D] buffer while sampling
-
-
-@dataclass
-class V2TContext:
-    """Step-independent state of :class:`V2TDenoiser`.
-
-    texts: candidates text_k [B, K, D]; pooled: text-guided video u_k [B, K, D];
-    base_logits: q_proj(u_k) . k_proj(text_k) [B, K];
-    dec_texts: decoder first-layer contribution of text_k incl. bias [B, K, 2D].
-    """
-
-    texts: Tensor
-    pooled: Tensor
-    base_logits: Tensor
-    dec_texts: Tensor
-    head: tuple[Tensor, Tensor]  # fused proj . v_proj . decoder[0] (e half): M [2D, D], b [2D]
-    scratch: Tensor | None = None  # reused [B, K, 2D] buffer while sampling
+    def pairs(self, query: Tensor, query_mask: Tensor | None, gallery: Tensor, gallery_mask: Tensor | None,
+              index: Tensor, dense: bool | None = None) -> Context:
+        """Context of the pairs (query b, gallery row index[b, k]): the distinct rows' items are built
+        once (training's in-batch candidates are the batch's own few items)."""
+        uniq, inv = torch.unique(index, return_inverse=True)
+        items = self.items(gallery[uniq], None if gallery_mask is None else gallery_mask[uniq], index.numel(),
+                           None if dense else index.shape[1] if dense is None else 0)
+        return self.context(query, query_mask, items, inv, dense)
 
 
 class T2VDenoiser(_Denoiser):
     """Text query, K candidate videos: text [B,D], frames [B,K,F,D], frame_mask [B,K,F] (1 valid)."""
 
-    def prepare(self, text: Tensor, frames: Tensor, frame_mask: Tensor) -> T2VContext:
-        """-> T2VContext holding W_k^T q_proj(text), v_k = sum_f a_f frame_f, and the decoder part of v_k."""
-        videos = _attend_frames(text[:, None, None, :], frames, frame_mask, self.temp).squeeze(-2)
-        text_qk = self.q_proj(text) @ self.k_proj.weight
-        return T2VContext(text_qk, videos, self._decoder_candidate_part(videos), self._fused_head())
+    direction = "t2v"
 
-    def prepare_shared(self, text: Tensor, frames: Tensor, frame_mask: Tensor) -> T2VContext:
-        """The same context when all B queries share one gallery of K videos (re-ranking the whole
-        gallery): text [B,D], frames [K,F,D], frame_mask [K,F]; never builds a [B,K,F,D] copy."""
-        a = torch.softmax(torch.einsum("bd,kfd->bkf", text, frames) / self.temp, dim=-1)
-        videos = torch.einsum("bkf,kfd->bkd", a * frame_mask.to(a.dtype), frames)
-        text_qk = self.q_proj(text) @ self.k_proj.weight
-        return T2VContext(text_qk, videos, self._decoder_candidate_part(videos), self._fused_head())
+    def reference_pairs(self, x_t, t, text: Tensor, query_mask, frames: Tensor, frame_mask: Tensor, index: Tensor):
+        """reference_forward over the pairs (query b, gallery video index[b, k]): frames [U, F, D]."""
+        return self.reference_forward(x_t, t, text, frames[index], frame_mask[index])
 
-    def denoise(self, x_t: Tensor, t, ctx: T2VContext) -> Tensor:
-        """x_t [B,K], t LongTensor [B] (or int) -> x0_hat [B,K]."""
-        c = self.embed_timestep(_timestep(t, x_t.device))  # [B or 1, D]
-        # q . k_proj(v_k + c) = (W_k^T q) . v_k + q . k_proj(c); the latter is constant over k.
-        qk = ctx.text_qk + self.q_proj(c) @ self.k_proj.weight
-        logits = (ctx.videos @ qk.unsqueeze(-1)).squeeze(-1) + x_t
-        w = torch.softmax(logits, dim=-1)
-        # sum_k w_k v_proj(v_k + c) = v_proj(sum_k w_k v_k + c) since sum_k w_k = 1.
-        pooled = (w.unsqueeze(1) @ ctx.videos).squeeze(1)
-        return self._decode(pooled + c, ctx, ctx.dec_videos, w)
+    def _step_vectors(self, c: Tensor) -> tuple:
+        return (self.q_proj(c) @ self.k_proj.weight,)  # logit_k = v_k . Wk^T Wq (text + c) + const
+
+    def items(self, frames: Tensor, frame_mask: Tensor, pairs: int | None = None, k: int | None = None) -> Items:
+        """frames [U, F, D], frame_mask [U, F]; pairs: how many (query, candidate) pairs will read them
+        (None: many); k: candidates per query (None: all U). The frames go through the first layer
+        once (the factored layer) when the context will attend densely (k None or U <= 2 k: pairs
+        per-pair gathers of [F, 2D] projections cost more memory traffic than they save), when that is
+        fewer multiply-adds (U F <= pairs) and when it fits PROJ_BUDGET."""
+        U, F_, D = frames.shape
+        factor = (k is None or U <= 2 * k) and (pairs is None or U * F_ <= pairs) and \
+            U * F_ * 2 * D * frames.element_size() <= PROJ_BUDGET
+        return Items(frames, frame_mask, self._first_layer(frames) if factor else None)
+
+    def context(self, text: Tensor, query_mask, items: Items, index: Tensor | None = None,
+                dense: bool | None = None) -> Context:
+        """text [B, D] against items' videos index [B, K] (None: all U, shared). dense: attend over
+        all U items then pick (True), or gather each pair's frames (False); None: dense if U <= 2 K."""
+        frames, mask, proj = items.tokens, items.mask.to(items.tokens.dtype), items.proj
+        U = frames.shape[0]
+        if index is None or (dense if dense is not None else U <= 2 * index.shape[1]):
+            a = torch.softmax(torch.einsum("bd,ufd->buf", text, frames) / self.temp, dim=-1) * mask
+            a = a.transpose(0, 1)  # [U, B, F]: per video, one [B, F] x [F, .] product
+            v = torch.bmm(a, frames).transpose(0, 1)  # [B, U, D] (a view)
+            dec = self._first_layer(v) if proj is None else torch.bmm(a, proj).transpose(0, 1)
+        else:  # per pair (few pairs a video): the pooled video through the first layer
+            fr = _rows(frames, index)  # [B, K, F, D]
+            a = torch.softmax(torch.einsum("bd,bkfd->bkf", text, fr) / self.temp, dim=-1) * _rows(mask, index)
+            v = torch.einsum("bkf,bkfd->bkd", a, fr)
+            dec = self._first_layer(v)
+            index = None
+        base = _rowdot(v, self.q_proj(text) @ self.k_proj.weight)
+        return Context(base, (v,), v, dec, None if torch.is_grad_enabled() else self._head(), None, index)
+
+    def prepare(self, text: Tensor, frames: Tensor, frame_mask: Tensor) -> Context:
+        """Context of per-query candidates: text [B,D], frames [B,K,F,D], frame_mask [B,K,F]."""
+        B, K = frames.shape[:2]
+        items = self.items(frames.reshape(B * K, *frames.shape[2:]), frame_mask.reshape(B * K, -1), B * K)
+        return self.context(text, None, items, torch.arange(B * K, device=text.device).view(B, K), dense=False)
+
+    def prepare_shared(self, text: Tensor, frames: Tensor, frame_mask: Tensor) -> Context:
+        """Context when all B queries share one gallery: text [B,D], frames [K,F,D], frame_mask [K,F]."""
+        return self.context(text, None, self.items(frames, frame_mask, text.shape[0] * frames.shape[0]))
 
     def forward(self, x_t: Tensor, t, text: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """x0_hat [B,K] = denoise(x_t, t, prepare(text, frames, frame_mask))."""
         return self.denoise(x_t, t, self.prepare(text, frames, frame_mask))
 
     def reference_forward(self, x_t: Tensor, t, text: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
-        """The released formula written out plainly (slow path, for tests)."""
+        """The released formula written out plainly (the reference every fast path is tested against)."""
         c = self.embed_timestep(_timestep(t, x_t.device).expand(x_t.shape[0]))
         a = torch.softmax(torch.einsum("bd,bkfd->bkf", text, frames) / self.temp, dim=-1)
-        a = a * frame_mask.to(a.dtype)
-        v = torch.einsum("bkf,bkfd->bkd", a, frames)
+        v = torch.einsum("bkf,bkfd->bkd", a * frame_mask.to(a.dtype), frames)
         q = self.q_proj(text + c)
-        k = self.k_proj(v + c.unsqueeze(1))
-        val = self.v_proj(v + c.unsqueeze(1))
+        k, val = self.k_proj(v + c.unsqueeze(1)), self.v_proj(v + c.unsqueeze(1))
         w = torch.softmax(torch.einsum("bd,bkd->bk", q, k) + x_t, dim=-1)
         e = self.proj(torch.einsum("bk,bkd->bd", w, val))
-        return self._decode_plain(e, v, w)
+        emb = torch.cat([e.unsqueeze(1).expand(-1, v.shape[1], -1), v], dim=-1)
+        return self.decoder(emb).squeeze(-1) + w
 
 
 class V2TDenoiser(_Denoiser):
     """Video query, K candidate texts: texts [B,K,D], frames [B,F,D], frame_mask [B,F] (1 valid)."""
 
-    def prepare(self, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> V2TContext:
-        """-> V2TContext holding u_k = sum_f a_kf frame_f, q_proj(u_k) . k_proj(text_k), decoder part of text_k."""
-        pooled = _attend_frames(texts, frames, frame_mask, self.temp)
-        base = (self.q_proj(pooled) * self.k_proj(texts)).sum(-1)
-        return V2TContext(texts, pooled, base, self._decoder_candidate_part(texts), self._fused_head())
+    direction = "v2t"
 
-    def prepare_shared(self, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> V2TContext:
-        """The same context when all B query videos share one gallery of K texts (re-ranking the
-        whole gallery): texts [K,D], frames [B,F,D], frame_mask [B,F]; text-only terms computed once."""
-        B = frames.shape[0]
-        a = torch.softmax(torch.einsum("kd,bfd->bkf", texts, frames) / self.temp, dim=-1)
-        pooled = torch.einsum("bkf,bfd->bkd", a * frame_mask.to(a.dtype).unsqueeze(1), frames)
-        base = (self.q_proj(pooled) * self.k_proj(texts)).sum(-1)
-        dec = self._decoder_candidate_part(texts).expand(B, -1, -1)
-        return V2TContext(texts.expand(B, -1, -1), pooled, base, dec, self._fused_head())
+    def reference_pairs(self, x_t, t, frames: Tensor, frame_mask: Tensor, texts: Tensor, mask, index: Tensor):
+        """reference_forward over the pairs (query video b, gallery text index[b, k]): texts [U, D]."""
+        return self.reference_forward(x_t, t, texts[index], frames, frame_mask)
 
-    def denoise(self, x_t: Tensor, t, ctx: V2TContext) -> Tensor:
-        """x_t [B,K], t LongTensor [B] (or int) -> x0_hat [B,K]."""
-        c = self.embed_timestep(_timestep(t, x_t.device))  # [B or 1, D]
-        qc, kc = self.q_proj(c), self.k_proj(c)
-        # (Wq u_k + qc) . (Wk s_k + kc) = base_k + u_k . Wq^T kc + s_k . Wk^T qc + const_k.
-        g_u = kc @ self.q_proj.weight  # [B, D]
-        g_s = qc @ self.k_proj.weight
-        logits = (
-            ctx.base_logits
-            + (ctx.pooled @ g_u.unsqueeze(-1)).squeeze(-1)
-            + (ctx.texts @ g_s.unsqueeze(-1)).squeeze(-1)
-            + x_t
-        )
-        w = torch.softmax(logits, dim=-1)
-        pooled_text = (w.unsqueeze(1) @ ctx.texts).squeeze(1)
-        return self._decode(pooled_text + c, ctx, ctx.dec_texts, w)
+    def _step_vectors(self, c: Tensor) -> tuple:
+        # (Wq(u + c)) . (Wk(s + c)) = u^T Wq^T Wk s + u . Wq^T Wk c + s . Wk^T Wq c + const
+        return self.k_proj(c) @ self.q_proj.weight, self.q_proj(c) @ self.k_proj.weight
+
+    def items(self, texts: Tensor, mask=None, pairs: int | None = None, k: int | None = None) -> Items:
+        """texts [U, D]: their first-layer share (+ bias) and key side Wq^T Wk text, once a text."""
+        headed = None if torch.is_grad_enabled() else texts @ self._head()[0].t()
+        return Items(texts, None, self._first_layer(texts), self.k_proj(texts) @ self.q_proj.weight, headed)
+
+    def context(self, frames: Tensor, frame_mask: Tensor, items: Items, index: Tensor | None = None,
+                dense: bool | None = None) -> Context:
+        """Query videos frames [B, F, D], frame_mask [B, F] against items' texts index [B, K] (None:
+        all U, shared). Each text attends over the query's frames: u_k = sum_f a_kf frame_f."""
+        mask = frame_mask.to(frames.dtype).unsqueeze(1)
+        U = items.tokens.shape[0]
+        shared = index is None or (dense if dense is not None else U <= 2 * index.shape[1])
+        pick = (lambda x: None if x is None else x[None]) if shared else \
+            (lambda x: None if x is None else _rows(x, index))  # noqa: E731
+        texts, dec, keys, headed = pick(items.tokens), pick(items.proj), pick(items.keys), pick(items.headed)
+        if shared:  # every text of the items against every query: the text tables stay shared
+            a = torch.einsum("ud,bfd->buf", items.tokens, frames)
+        else:
+            a = torch.einsum("bkd,bfd->bkf", texts, frames)
+            index = None
+        u = torch.einsum("bkf,bfd->bkd", torch.softmax(a / self.temp, dim=-1) * mask, frames)
+        base = (u * keys).sum(-1)
+        return Context(base, (u, texts), texts, dec, None if torch.is_grad_enabled() else self._head(), headed, index)
+
+    def prepare(self, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> Context:
+        """Context of per-query candidates: texts [B,K,D], frames [B,F,D], frame_mask [B,F]."""
+        B, K = texts.shape[:2]
+        idx = torch.arange(B * K, device=texts.device).view(B, K)
+        return self.context(frames, frame_mask, self.items(texts.reshape(B * K, -1)), idx)
+
+    def prepare_shared(self, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> Context:
+        """Context when all B query videos share one gallery of K texts: texts [K,D], frames [B,F,D]."""
+        return self.context(frames, frame_mask, self.items(texts))
 
     def forward(self, x_t: Tensor, t, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
         """x0_hat [B,K] = denoise(x_t, t, prepare(texts, frames, frame_mask))."""
         return self.denoise(x_t, t, self.prepare(texts, frames, frame_mask))
 
     def reference_forward(self, x_t: Tensor, t, texts: Tensor, frames: Tensor, frame_mask: Tensor) -> Tensor:
-        """The released formula written out plainly (slow path, for tests)."""
+        """The released formula written out plainly (the reference every fast path is tested against)."""
         c = self.embed_timestep(_timestep(t, x_t.device).expand(x_t.shape[0]))
         a = torch.softmax(torch.einsum("bkd,bfd->bkf", texts, frames) / self.temp, dim=-1)
-        a = a * frame_mask.to(a.dtype).unsqueeze(1)
-        u = torch.einsum("bkf,bfd->bkd", a, frames)
+        u = torch.einsum("bkf,bfd->bkd", a * frame_mask.to(a.dtype).unsqueeze(1), frames)
         q = self.q_proj(u + c.unsqueeze(1))
-        k = self.k_proj(texts + c.unsqueeze(1))
-        val = self.v_proj(texts + c.unsqueeze(1))
+        k, val = self.k_proj(texts + c.unsqueeze(1)), self.v_proj(texts + c.unsqueeze(1))
         w = torch.softmax(torch.einsum("bkd,bkd->bk", q, k) + x_t, dim=-1)
         e = self.proj(torch.einsum("bk,bkd->bd", w, val))
-        return self._decode_plain(e, texts, w)
+        emb = torch.cat([e.unsqueeze(1).expand(-1, texts.shape[1], -1), texts], dim=-1)
+        return self.decoder(emb).squeeze(-1) + w

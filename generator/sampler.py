@@ -62,11 +62,33 @@ class _Sampler:
         self.step_ratio = schedule.num_train_timesteps // self.num_inference_steps
         self._acp = [float(a) for a in schedule.alphas_cumprod]  # float64 precision, Python floats
 
-    def _clip(self, x0_pred: Tensor) -> Tensor:
+    def clamp(self, x0_pred: Tensor) -> Tensor:
+        """x0_pred clamped to [-1, 1] (when ``clip_sample``): what each step uses and retrieval ranks by."""
         return x0_pred.clamp(-1.0, 1.0) if self.clip_sample else x0_pred
 
-    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    @property
+    def draws_noise(self) -> bool:
+        """Whether `step` draws random numbers (then callers must keep the draws in order)."""
         raise NotImplementedError
+
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """-> (x_prev, the clamped x0 prediction)."""
+        raise NotImplementedError
+
+    def run(self, predict: Callable[[int, int, Tensor], Tensor], x_T: Tensor,
+            generator: torch.Generator | None = None) -> Tensor:
+        """The sampling loop: x_T [B, K] -> the last clamped x0 prediction [B, K].
+
+        predict(i, t, x_t) -> x0_pred at the i-th timestep t. The final ``step`` is skipped: its
+        x_prev is never used. Gradients are not disabled here."""
+        x_t, last = x_T, self.num_inference_steps - 1
+        for i, t in enumerate(self.timesteps.tolist()):
+            x0_pred = predict(i, t, x_t)
+            if i == last:
+                return self.clamp(x0_pred)
+            x_t, _ = self.step(x0_pred, t, x_t, generator=generator)
+        return x_t
 
     def sample(
         self,
@@ -80,23 +102,13 @@ class _Sampler:
         """Run the reverse chain from x_T ~ N(0, I) of ``shape`` ([B, K]), or from the given ``x_T``.
 
         Calls ``model_fn(x_t [B, K], t_batch LongTensor [B]) -> x0_pred [B, K]`` once per timestep
-        and returns the last x0 prediction (clamped to [-1, 1] when ``clip_sample``), which is what
-        retrieval ranks by. The final ``step`` is skipped: its x_prev is never used. Gradients are
-        not disabled here; wrap the call in ``torch.inference_mode()`` for evaluation.
+        (t_batch is stride 0: every row shares t, which the denoisers exploit) and returns the last
+        x0 prediction, clamped when ``clip_sample`` (see `run`).
         """
         device = torch.device(device) if device is not None else torch.device("cpu")
         x_t = _randn(shape, generator, device, dtype) if x_T is None else x_T.to(device, dtype)
-        x0 = x_t
-        last = self.num_inference_steps - 1
-        for i, t in enumerate(self.timesteps.tolist()):
-            # stride-0 LongTensor [B]: every row shares t, which the denoisers exploit
-            t_batch = torch.full((1,), t, dtype=torch.long, device=device).expand(shape[0])
-            x0_pred = model_fn(x_t, t_batch)
-            if i == last:
-                x0 = self._clip(x0_pred)
-            else:
-                x_t = self.step(x0_pred, t, x_t, generator=generator)
-        return x0
+        batch = lambda t: torch.full((1,), t, dtype=torch.long, device=device).expand(shape[0])  # noqa: E731
+        return self.run(lambda i, t, x: model_fn(x, batch(t)), x_t, generator)
 
 
 class DDIMSampler(_Sampler):
@@ -140,19 +152,29 @@ class DDIMSampler(_Sampler):
         prev = t - self.step_ratio
         return self._acp[prev] if prev >= 0 else self.final_alpha_cumprod
 
-    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> x_{t - T//S} [B, ...]."""
+    @property
+    def draws_noise(self) -> bool:
+        return self.eta > 0
+
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> (x_{t - T//S}, clamped x0) [B, ...]."""
         t = int(t)
         a_t, a_prev = self._acp[t], self._alpha_prev(t)
-        x0 = self._clip(x0_pred)
-        eps_src = x0 if self.use_clipped_model_output else x0_pred
-        eps = (x_t - math.sqrt(a_t) * eps_src) / math.sqrt(1.0 - a_t)
+        x0 = self.clamp(x0_pred)
         var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
         std = self.eta * math.sqrt(var)
-        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1.0 - a_prev - std**2, 0.0)) * eps
+        # x_prev = sqrt(a_prev) x0 + c eps with eps = (x_t - sqrt(a_t) src) / sqrt(1 - a_t), src the
+        # clamped x0 (or the raw one), written as a x0 + b x_t - r src: two or three ops, not seven
+        c = math.sqrt(max(1.0 - a_prev - std**2, 0.0)) / math.sqrt(1.0 - a_t)
+        r = c * math.sqrt(a_t)
+        if self.use_clipped_model_output:
+            x_prev = x0.mul(math.sqrt(a_prev) - r).add_(x_t, alpha=c)
+        else:
+            x_prev = x0.mul(math.sqrt(a_prev)).add_(x_t, alpha=c).sub_(x0_pred, alpha=r)
         if self.eta > 0:
             x_prev = x_prev + std * _randn(x0_pred.shape, generator, x0_pred.device, x0_pred.dtype)
-        return x_prev
+        return x_prev, x0
 
 
 class DDPMSampler(_Sampler):
@@ -167,26 +189,31 @@ class DDPMSampler(_Sampler):
     def __init__(self, schedule: NoiseSchedule, num_inference_steps: int | None = None, clip_sample: bool = True):
         super().__init__(schedule, num_inference_steps, clip_sample)
 
+    @property
+    def draws_noise(self) -> bool:
+        return True
+
     def posterior(self, x0_pred: Tensor, t: int, x_t: Tensor) -> tuple[Tensor, float]:
-        """Mean [B, ...] and variance (float) of q(x_prev | x_t, x0 = clip(x0_pred))."""
+        """Mean [B, ...] and variance (float) of q(x_prev | x_t, x0 = clamp(x0_pred))."""
         t = int(t)
         prev = t - self.step_ratio
         a_t = self._acp[t]
         a_prev = self._acp[prev] if prev >= 0 else 1.0
         cur_alpha = a_t / a_prev
         cur_beta = 1.0 - cur_alpha
-        x0 = self._clip(x0_pred)
+        x0 = self.clamp(x0_pred)
         c0 = math.sqrt(a_prev) * cur_beta / (1.0 - a_t)
         ct = math.sqrt(cur_alpha) * (1.0 - a_prev) / (1.0 - a_t)
         var = max((1.0 - a_prev) / (1.0 - a_t) * cur_beta, 1e-20)
         return c0 * x0 + ct * x_t, var
 
-    def step(self, x0_pred: Tensor, t: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> sampled x_prev [B, ...]."""
+    def step(self, x0_pred: Tensor, t: int, x_t: Tensor,
+             generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """x_t [B, ...], x0_pred [B, ...] at integer timestep t -> (sampled x_prev, clamped x0) [B, ...]."""
         mean, var = self.posterior(x0_pred, t, x_t)
         if int(t) > 0:
             mean = mean + math.sqrt(var) * _randn(x0_pred.shape, generator, x0_pred.device, x0_pred.dtype)
-        return mean
+        return mean, self.clamp(x0_pred)
 
 
 SAMPLERS = ("ddim", "ddpm")  # make_sampler names: DDIMSampler | DDPMSampler

@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ from diffret.cache.wti import wti_similarity
 
 from .bert_adam import BertAdam, decay_groups
 from .candidates import mine_cache_negatives, positive_first, same_video_mask, usable_candidates
-from .checkpoint import finish_commit, load_train_state, read_meta, save_checkpoint, save_generator
+from .checkpoint import best_modules, finish_commit, load_train_state, read_meta, save_checkpoint, save_generator
 from .checkpoint import COMMIT_NAME, COMMITTED_NAMES, pending_name
 from .config import RESUMABLE, GeneratorConfig, flag
 from .denoiser import T2VDenoiser, V2TDenoiser, count_parameters, original_init_
@@ -73,54 +72,18 @@ def batch_candidates(f: SplitFeatures, rows: torch.Tensor, k: int, pools=None):
     return vid[positive_first(sim, same, k)], rows[positive_first(sim.t(), same, k)]
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, U, ...] (or [B, U]), index [B, K] into U -> x[b, index[b, k]]: [B, K, ...]."""
-    if x.dim() == 2:
-        return x.gather(1, index)
-    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def _shared(cand: torch.Tensor, limit: int):
-    """(unique rows [U], position of each candidate in them [B, K]) when few distinct items make up
-    the candidates (U <= limit: in-batch negatives are the batch's own items), else None."""
-    uniq, inverse = torch.unique(cand, return_inverse=True)
-    return (uniq, inverse) if len(uniq) <= limit else None
-
-
 def denoise_pairs(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, cand_v: torch.Tensor,
                   cand_t: torch.Tensor, x_t2v: torch.Tensor, x_v2t: torch.Tensor, t: torch.Tensor,
                   shared: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x0 predictions of both denoisers [B, K] for the pairs `rows` with candidates cand_v / cand_t.
-
-    The same as t2v(x_t2v, t, sentence[rows], frames[cand_v], mask[cand_v]) and v2t(x_v2t, t,
-    sentence[cand_t], frames[vid], mask[vid]), but when the candidates are few distinct items (always
-    so with in-batch negatives: the batch's own videos and captions) the step-independent context is
-    built once per distinct item with the denoisers' `prepare_shared` and gathered into candidate
-    order: no [B, K, F, D] copy of the frames, and the v2t text terms (the decoder's first layer, the
-    key projection) run over the U distinct captions instead of B x K candidates. `shared`: force the
-    plain path (False) or the shared one (True); None decides by the number of distinct items.
-    """
-    B, K = cand_v.shape
+    """x0 predictions of both denoisers [B, K] for the pairs `rows` with candidates cand_v (video rows)
+    / cand_t (caption rows): the denoisers' fast path (`pairs`, `denoise`; the plain formula is
+    generator/reference.py `reference_denoise_pairs`). shared: how t2v attends (denoiser.py
+    `T2VDenoiser.context`'s `dense`): over every distinct candidate then picked (True), per pair
+    (False), None: the denoiser decides."""
     vid = f.caption_video[rows]
-    limit = 2 * K if shared is None else (cand_v.numel() if shared else 0)
-    text, frames, fmask = f.sentence[rows], f.frames[vid], f.frame_mask[vid]
-    sv = _shared(cand_v, limit)
-    if sv is None:
-        ctx = t2v.prepare(text, f.frames[cand_v], f.frame_mask[cand_v])
-    else:
-        uniq, inv = sv
-        ctx = t2v.prepare_shared(text, f.frames[uniq], f.frame_mask[uniq])
-        ctx = replace(ctx, videos=_take(ctx.videos, inv), dec_videos=_take(ctx.dec_videos, inv))
-    out_t2v = t2v.denoise(x_t2v, t, ctx)
-    st = _shared(cand_t, limit)
-    if st is None:
-        ctx = v2t.prepare(f.sentence[cand_t], frames, fmask)
-    else:
-        uniq, inv = st
-        ctx = v2t.prepare_shared(f.sentence[uniq], frames, fmask)
-        ctx = replace(ctx, texts=_take(ctx.texts, inv), pooled=_take(ctx.pooled, inv),
-                      base_logits=_take(ctx.base_logits, inv), dec_texts=_take(ctx.dec_texts, inv))
-    return out_t2v, v2t.denoise(x_v2t, t, ctx)
+    ctx_t2v = t2v.pairs(f.sentence[rows], None, f.frames, f.frame_mask, cand_v, dense=shared)
+    ctx_v2t = v2t.pairs(f.frames[vid], f.frame_mask[vid], f.sentence, None, cand_t, dense=shared)
+    return t2v.denoise(x_t2v, t, ctx_t2v), v2t.denoise(x_v2t, t, ctx_v2t)
 
 
 def batch_loss(t2v: nn.Module, v2t: nn.Module, f: SplitFeatures, rows: torch.Tensor, schedule: NoiseSchedule,
@@ -271,7 +234,8 @@ def check_run_folder(out: Path, resume: bool, overwrite: bool) -> list[Path]:
 
 
 def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=None, log=print,
-                    resume: bool = False, max_steps: int | None = None, overwrite: bool = False) -> dict:
+                    resume: bool = False, max_steps: int | None = None, overwrite: bool = False,
+                    selection=None) -> dict:
     """Train both denoisers on the cache's train split; write the checkpoint and generator.json.
 
     resume: continue the run in `out` from its last finished epoch (`cfg` must match the saved run
@@ -279,8 +243,12 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
     `out` (check_run_folder). max_steps: stop every epoch after that many steps
     (benchmarks/train_speed.py times a part of an epoch this way). -> the generator.json dict.
     `out` is locked for the whole run (cache/lock.py): a second job on it is refused.
+    selection: with cfg.select_on "val", what pipeline/ hands in (pipeline/selection.py
+    GeneratorSelection: `train_view(features)` without held-out videos, `selector`, `record`).
     """
     cfg.validate()
+    if (cfg.select_on == "val") != (selection is not None):
+        raise TrainingError("--select-on val needs the validation selection pipeline/ hands in (and only it)")
     check_output_path(out, "--out", folder=True)
     with OutputLock(out, log=log):
         replaced = check_run_folder(out, resume, overwrite)
@@ -289,11 +257,11 @@ def train_generator(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress=N
             log(f"--overwrite: removing the generator in {out}")
             for p in replaced:
                 p.unlink()
-        return _train(cache_dir, out, cfg, progress, log, resume, max_steps)
+        return _train(cache_dir, out, cfg, progress, log, resume, max_steps, selection)
 
 
 def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resume: bool,
-           max_steps: int | None) -> dict:
+           max_steps: int | None, selection=None) -> dict:
     """train_generator once `out` is locked and checked."""
     t0 = time.time()
     cfg.validate()
@@ -308,6 +276,8 @@ def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resu
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     feats = load_split(reader, "train").to(device)
+    if selection is not None:  # held-out validation videos (when the cache has no val split) are not trained on
+        feats = selection.train_view(feats)
     width, n = feats.width, len(feats.caption_id)
     videos = len(torch.unique(feats.caption_video))
     if videos < 2:
@@ -334,6 +304,8 @@ def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resu
             if "t_total" in g:
                 g["t_total"] = total_steps
         gen.set_state(state["rng"])
+        if selection is not None and state.get("selection") is not None:
+            selection.selector.load_state_dict(state["selection"])
         history, start, spent = list(state["history"]), int(state["epochs_done"]), float(state["seconds"])
         log(f"resuming {out} after epoch {start} of {cfg.epochs}")
     pools = None
@@ -348,6 +320,8 @@ def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resu
             f"(recorded as effective_candidates in generator.json)")
     steps = steps_per_epoch if max_steps is None else max(0, min(steps_per_epoch, max_steps))
     final = lambda: [e.module for e in ema] if ema else [t2v, v2t]  # noqa: E731  (evaluation uses the EMA)
+    candidates = lambda: {"raw": {"t2v": t2v, "v2t": v2t},  # noqa: E731  (what --select-on val compares)
+                          **({"ema": {"t2v": ema[0].module, "v2t": ema[1].module}} if ema else {})}
     meta = None
     Path(out).mkdir(parents=True, exist_ok=True)
     for epoch in range(start, cfg.epochs):
@@ -368,6 +342,8 @@ def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resu
                     raise TrainingError(f"loss or gradient became {value} at epoch {epoch + 1} step {s + 1}; "
                                         f"stopped, {advice}")
                 total, count = total + value, count + 1
+            if selection is not None and s + 1 < steps:  # the epoch's last step: validated at its end
+                selection.selector.step(epoch * steps + s + 1, epoch + 1, candidates)
             if progress:
                 progress.update(task, advance=1, description=f"{label} loss {total / max(count, 1):.3f}")
         if progress:
@@ -378,10 +354,15 @@ def _train(cache_dir: Path, out: Path, cfg: GeneratorConfig, progress, log, resu
         history.append(round(total / max(count, 1), 4))
         seconds = spent + time.time() - t0
         meta = _meta(cfg, width, t2v, v2t, reader, cache_dir, n, history, epoch + 1, seconds, device, k_used)
-        save_checkpoint(out, *final(), meta, {  # one atomic commit of the epoch's three files
+        kept = final()
+        if selection is not None:  # the best on validation so far is what generator.pt holds
+            selection.selector.epoch_end((epoch + 1) * steps, epoch + 1, candidates)
+            kept, meta["selection"] = best_modules(kept, selection.selector.best_state()), selection.selector.summary()
+        save_checkpoint(out, *kept, meta, {  # one atomic commit of the epoch's three files
             "config": cfg.to_dict(), "t2v": t2v.state_dict(), "v2t": v2t.state_dict(),
             "ema": [e.state_dict() for e in ema], "optimizer": opt.state_dict(), "rng": gen.get_state(),
             "history": history, "epochs_done": epoch + 1, "seconds": seconds, "cache": meta["cache"],
+            "selection": selection.selector.state_dict() if selection is not None else None,
         })
     if meta is None:  # nothing left to train (epochs 0, or a finished run resumed)
         if state is not None:

@@ -12,7 +12,8 @@ import click
 
 # command name -> its module in diffret.pipeline.commands (which names it `command`)
 COMMANDS = {"cache": "cache", "demo-data": "demo_data", "evaluate": "evaluate", "extract": "extract",
-            "import-checkpoint": "import_checkpoint", "sweep": "sweep", "train-generator": "train_generator"}
+            "import-checkpoint": "import_checkpoint", "index": "index", "search": "search", "serve": "serve",
+            "sweep": "sweep", "train-generator": "train_generator"}
 
 
 class Commands(click.Group):

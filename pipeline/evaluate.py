@@ -258,6 +258,9 @@ def evaluate(cache_dir: Path, generator_dir: Path | None, opts: EvalOptions | No
         check_output_path(save_sims_to, "--save-sims", folder=False)
     dev = resolve_device(opts.device)
     reader = CacheReader(cache_dir)
+    if not any(c.get("captions") for c in reader.manifest.splits.values()):  # a folder collection: no queries
+        raise CacheError(f"{cache_dir} holds videos without captions (split {', '.join(reader.splits) or 'none'}), "
+                         f"so there are no queries to evaluate; search it with `diffret search --cache {cache_dir}`")
     gen = smp = None
     if generator_dir is not None:
         gen = load_generator(generator_dir, dev)

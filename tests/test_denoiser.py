@@ -215,10 +215,10 @@ def test_fused_head_is_kept_until_a_weight_changes():
 
     m = T2VDenoiser(8)
     with torch.no_grad():
-        first = m._fused_head()
-        assert m._fused_head() is first  # sampling reuses it
+        first = m._head()
+        assert m._head() is first  # sampling reuses it
         m.proj.weight.add_(1.0)  # an in-place update (optimizer step, EMA, load_state_dict)
-        changed = m._fused_head()
+        changed = m._head()
     assert changed is not first
-    assert torch.allclose(changed[0], m._compute_fused_head()[0])
-    assert m._fused_head()[0].requires_grad  # with gradients it is always recomputed
+    assert torch.allclose(changed[0], m._compute_head()[0])
+    assert m._head()[0].requires_grad  # with gradients it is always recomputed

@@ -50,7 +50,7 @@ def test_dual_softmax_loss_matches_its_definition():
 
 def test_optimizer_groups_betas_and_schedule():
     model = tiny_model()
-    cfg = ExtractConfig(model="tiny", pretrained="none", lr=1e-4, clip_lr_scale=1e-3)
+    cfg = ExtractConfig(model="tiny", pretrained="none", lr=1e-4, clip_lr_scale=1e-3, recipe="modern")
     opt, sched = make_optimizer(model, cfg, total_steps=100)
     assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-6 for g in opt.param_groups)
     by_lr = {}
@@ -157,7 +157,13 @@ def test_every_extract_option_shows_its_default():
     from diffret.pipeline.cli import main
 
     out = CliRunner().invoke(main, ["extract", "--help"], terminal_width=200).output
-    options = [line for line in out.splitlines() if line.startswith("  --") and not line.startswith("  --help")]
+    options = []  # each option's text: its line and the wrapped lines of its help below it
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            options.append(line)
+        elif options and line.startswith("    "):
+            options[-1] += " " + line.strip()
+    options = [o for o in options if not o.startswith("  --help")]
     assert len(options) >= 25
     for line in options:
         assert "[default:" in line or "[required]" in line, line

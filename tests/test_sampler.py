@@ -78,7 +78,8 @@ def test_ddim_step_matches_diffusers(set_alpha_to_one, use_clipped, eta, S):
     for t in ref.timesteps.tolist():
         x_t = torch.randn(4, 6, generator=g)
         x0_pred = 1.5 * torch.randn(4, 6, generator=g)  # partly outside [-1, 1]: clipping matters
-        ours = sampler.step(x0_pred, t, x_t, generator=torch.Generator().manual_seed(t))
+        ours, x0 = sampler.step(x0_pred, t, x_t, generator=torch.Generator().manual_seed(t))
+        assert torch.equal(x0, x0_pred.clamp(-1, 1))
         theirs = ref.step(
             x0_pred, t, x_t, eta=eta, use_clipped_model_output=use_clipped,
             generator=torch.Generator().manual_seed(t),
@@ -165,7 +166,7 @@ def test_ddim_two_strided_steps_by_hand(ddim_eps):
     src = x0_hat.clamp(-1, 1) if ddim_eps == "clamped" else x0_hat
     eps = (x_T - ab[2] ** 0.5 * src) / (1 - ab[2]) ** 0.5
     assert eps[0].tolist() == pytest.approx(want["eps"], abs=1e-8)
-    x_prev = sampler.step(x0_hat, 2, x_T)
+    x_prev, _ = sampler.step(x0_hat, 2, x_T)
     torch.testing.assert_close(x_prev, ab[0] ** 0.5 * x0_hat.clamp(-1, 1) + (1 - ab[0]) ** 0.5 * eps, atol=1e-12,
                                rtol=0)
     assert x_prev[0].tolist() == pytest.approx(want["x_prev"], abs=1e-8)
@@ -198,7 +199,7 @@ def test_ddpm_posterior_by_hand():
         torch.testing.assert_close(mean, coef1 * x0 + coef2 * x_t)
         assert v == pytest.approx(max(var.item(), 1e-20), rel=1e-9)
     # t = 0 adds no noise
-    torch.testing.assert_close(sampler.step(x0, 0, x_t), sampler.posterior(x0, 0, x_t)[0])
+    torch.testing.assert_close(sampler.step(x0, 0, x_t)[0], sampler.posterior(x0, 0, x_t)[0])
 
 
 @pytest.mark.parametrize("S", [None, 10])
@@ -212,7 +213,8 @@ def test_ddpm_step_and_loop_match_diffusers(S):
     for t in ref.timesteps.tolist():
         x_t = torch.randn(4, 6, generator=g)
         x0_pred = 1.5 * torch.randn(4, 6, generator=g)
-        ours = sampler.step(x0_pred, t, x_t, generator=torch.Generator().manual_seed(t))
+        ours, x0 = sampler.step(x0_pred, t, x_t, generator=torch.Generator().manual_seed(t))
+        assert torch.equal(x0, x0_pred.clamp(-1, 1))
         theirs = ref.step(x0_pred, t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
 
@@ -239,8 +241,9 @@ def test_sample_passes_shared_timestep_batch():
 
 @pytest.mark.parametrize("ddim_eps", ["clamped", "raw"])
 def test_rerank_fast_path_follows_the_sampler_rule(ddim_eps):
-    """generator/rerank.py's step loop (`_sample_block`) equals DDIMSampler.sample over the plain
-    denoiser formula, for either epsilon rule, with x0 predictions well outside [-1, 1]."""
+    """generator/rerank.py's route (the denoiser's `sampling` in the sampler's `run`) equals
+    DDIMSampler.sample over the plain denoiser formula, for either epsilon rule, with x0
+    predictions well outside [-1, 1]."""
     from diffret.generator.denoiser import T2VDenoiser, V2TDenoiser
     from diffret.generator.rerank import generate
 

@@ -12,7 +12,7 @@ from .options import cache_option, config, options, typed
 from .output import console, progress_bar
 
 TRAINING = ("epochs", "train_steps", "schedule", "beta_scale", "loss", "x0", "candidates", "negatives", "batch_size",
-            "lr", "ema", "recipe", "device", "seed")
+            "lr", "ema", "recipe", "select_on", "val_fraction", "eval_every", "device", "seed")
 
 
 @click.command("train-generator")
@@ -29,8 +29,15 @@ def command(cache_dir, out, resume, overwrite, **values):
     with clear_errors():
         # --resume: the saved settings, plus the options given on this command line
         cfg = resume_config(out, typed(values)) if resume else config(GeneratorConfig, values)
+        selection = None
+        if cfg.select_on == "val":  # the validation split and its selector (never the test split)
+            from diffret.pipeline.selection import GeneratorSelection
+
+            selection = GeneratorSelection(cache_dir, cfg, log=console.print)
         with progress_bar() as p:
             meta = train_generator(cache_dir, out, cfg, progress=p, log=console.print, resume=resume,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, selection=selection)
     console.print(f"generator written to {out}: width {meta['width']}, parameters {meta['parameters']}, "
                   f"loss per epoch {meta['history']}, {meta['seconds']} s")
+    if (meta.get("selection") or {}).get("best"):
+        console.print(f"kept the best on validation: {meta['selection']['best']}")
