@@ -72,14 +72,17 @@ class IndexError_(CacheError):
 # ------------------------------------------------------------------ the representation (formula's one copy)
 
 
-def _softmax(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def softmax_valid(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[..., T] logits, [..., T] bool mask -> [..., T] float32 weights: softmax over the valid slots,
+    0 elsewhere (numpy twin of cache/wti.py `masked_softmax`, for numpy and faiss callers)."""
     x = np.where(mask, logits.astype(np.float32), -np.inf)
     x = x - x.max(axis=-1, keepdims=True)
     e = np.where(mask, np.exp(x), 0.0)
     return (e / np.maximum(e.sum(axis=-1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
+def unit(x: np.ndarray) -> np.ndarray:
+    """[..., D] -> the same vectors at unit L2 norm (zero vectors stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
@@ -87,9 +90,9 @@ def pooled(tokens: np.ndarray, mask: np.ndarray, logits: np.ndarray) -> np.ndarr
     """tokens [n, T, D] (any float dtype), mask [n, T] bool, logits [n, T] -> [n, D] float32, unit
     norm: the weighted centroid of the unit tokens (weights = softmax of the logits over valid slots).
     The same function pools a video's frames and a query's words."""
-    t = _normalise(tokens.astype(np.float32))
-    w = _softmax(logits, mask.astype(bool))
-    return _normalise(np.einsum("nt,ntd->nd", w, t)).astype(np.float32)
+    t = unit(tokens.astype(np.float32))
+    w = softmax_valid(logits, mask.astype(bool))
+    return unit(np.einsum("nt,ntd->nd", w, t)).astype(np.float32)
 
 
 # ------------------------------------------------------------------ what the index was built from

@@ -17,17 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from diffret.cache.index import softmax_valid, unit
+
 FRAMES = 3  # best frames listed per hit
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x.astype(np.float64) - x.max())
-    return e / e.sum()
 
 
 def _time(times: np.ndarray, j: int) -> float | None:
@@ -43,8 +35,8 @@ def evidence(words: np.ndarray, word_mask: np.ndarray, word_logits: np.ndarray, 
     -> {"words": [...], "frames": [...], "best_time"} (JSON-safe; see the module docstring)."""
     wi = np.nonzero(word_mask)[0]
     fj = np.nonzero(frame_mask)[0]
-    cos = _unit(words[wi]) @ _unit(frames[fj]).T  # [l, f]
-    a, b = _softmax(word_logits[wi].astype(np.float32)), _softmax(frame_logits[fj].astype(np.float32))
+    cos = unit(words[wi].astype(np.float32)) @ unit(frames[fj].astype(np.float32)).T  # [l, f]
+    a, b = softmax_valid(word_logits, word_mask)[wi], softmax_valid(frame_logits, frame_mask)[fj]
     best = cos.argmax(axis=1)
     out_words = [{"word": tokens[n] if n < len(tokens) else "?", "weight": round(float(a[n]), 4),
                   "frame": int(fj[best[n]]), "time": _time(frame_times, int(fj[best[n]])),
