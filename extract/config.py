@@ -86,7 +86,7 @@ def check_sampling(rule: str, target_fps: float | None, end_second: int | None) 
 NUMBER_RULES = {
     "epochs": ">=0", "batch_size": ">=1", "lr": ">0", "clip_lr_scale": ">=0", "weight_decay": ">=0",
     "adam_betas": "[0,1)", "adam_eps": ">0", "warmup": "[0,1]", "grad_clip": ">0", "dsl_temp": ">0",
-    "temporal_layers": ">=0", "workers": ">=0", "seed": ">=0", "shard_rows": ">=1", "decode_timeout": ">0",
+    "temporal_layers": ">=0", "workers": ">=0", "keep_frames": ">=0", "seed": ">=0", "shard_rows": ">=1", "decode_timeout": ">0",
     "val_fraction": "[0,1)", "eval_every": ">=1", "ema": "[0,1)",
 }
 
@@ -169,6 +169,9 @@ class ExtractConfig:
         "choices": WTI_PADDINGS, "help": "A padded pair in the WTI maxima: counts as 0 (the original) or never wins."})
     temporal_layers: int = 4
     workers: int = field(default=2, metadata={"help": "Decoding processes (per process under torchrun)."})
+    keep_frames: float = field(default=4.0, metadata={  # extract/data.py KeptClips; the same batches either way
+        "help": "GiB of decoded training frames kept in memory: when every training video's frames fit, each "
+                "video is decoded once, not once per caption per epoch (0: decode every epoch)."})
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = field(default=True, metadata={"help": "Mixed precision (GPU only)."})
@@ -210,7 +213,7 @@ class ExtractConfig:
 
 
 # Fields that decide the fine-tuned weights; a run may only resume or reuse a stage-1
-# checkpoint whose values for these match. (workers, device, amp, grad_checkpointing and
+# checkpoint whose values for these match. (workers, keep_frames, device, amp, grad_checkpointing and
 # shard_rows change speed or memory, not the recipe.)
 TRAINING_FIELDS = (
     "dataset", "data_root", "video_dir", "model", "pretrained", "frames", "words", "target_fps", "epochs",

@@ -99,3 +99,51 @@ def video_loader(paths, spec: FrameSpec, batch_size: int, workers: int, shuffle=
         VideoClips(paths, spec, timeout, times), batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=drop_last,
         **common,
     )
+
+
+class KeptClips:
+    """Every distinct video of `paths` decoded once and kept in memory (uint8), for training epochs
+    that would otherwise decode each video again for each of its captions in every epoch. Frame
+    sampling in training is deterministic, so the batches are the ones the decoding loader gives.
+
+    frames uint8 [U, F, 3, S, S], mask bool [U, F], reasons [U] ("" when read) over the U distinct
+    paths; `row[i]` is the distinct video of pair i."""
+
+    def __init__(self, paths: list, spec: FrameSpec, workers: int, timeout: float | None, progress=None):
+        distinct, self.row = {}, []
+        for p in paths:
+            self.row.append(distinct.setdefault(str(p), len(distinct)))
+        self.row = torch.tensor(self.row, dtype=torch.long)
+        order = list(distinct)
+        self.frames = torch.zeros(len(order), spec.n_frames, 3, spec.size, spec.size, dtype=torch.uint8)
+        self.mask = torch.zeros(len(order), spec.n_frames, dtype=torch.bool)
+        self.reasons = [""] * len(order)
+        task = progress.add_task("decode training videos", total=len(order)) if progress else None
+        for frames, mask, idx, reasons in video_loader([Path(p) for p in order], spec, 64, workers, timeout=timeout):
+            self.frames[idx], self.mask[idx] = frames, mask
+            for j, i in enumerate(idx.tolist()):
+                self.reasons[i] = reasons[j]
+            if progress:
+                progress.update(task, advance=len(idx))
+        if progress:
+            progress.remove_task(task)
+
+    @staticmethod
+    def nbytes(n_videos: int, spec: FrameSpec) -> int:
+        return n_videos * spec.n_frames * 3 * spec.size ** 2
+
+    def batches(self, batches: list[list[int]]):
+        """(frames, mask, pair indices, reasons) per batch of pair indices, as video_loader yields them."""
+        for b in batches:
+            idx = torch.tensor(b, dtype=torch.long)
+            rows = self.row[idx]
+            yield self.frames[rows], self.mask[rows], idx, [self.reasons[r] for r in rows.tolist()]
+
+
+def kept_clips(paths: list, spec: FrameSpec, budget_gib: float, workers: int, timeout: float | None,
+               progress=None) -> KeptClips | None:
+    """KeptClips of `paths` when their decoded frames fit `budget_gib`, else None (decode every epoch)."""
+    n = len({str(p) for p in paths})
+    if budget_gib <= 0 or KeptClips.nbytes(n, spec) > budget_gib * 2 ** 30:
+        return None
+    return KeptClips(paths, spec, workers, timeout, progress)

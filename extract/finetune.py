@@ -5,7 +5,10 @@ scaled by CLIP's logit scale (clamped at 100), under symmetric InfoNCE (or the d
 `--loss dsl`). The new modules train at `lr`, CLIP at lr * clip_lr_scale; the optimiser, its decay
 groups, what is frozen and CLIP's precision are the recipe's (recipe.py: `original`, BertAdam with
 float16 CLIP and a frozen conv1, or `modern`, AdamW); global gradient clipping at 1.0, AMP on GPUs.
-One epoch passes over every training caption once, paired with its video.
+One epoch passes over every training caption once, paired with its video. Training frames are
+sampled the same way in every epoch, so when they fit `keep_frames` GiB each video is decoded once
+and kept in memory (data.KeptClips: the same batches, several times faster on a CPU); else each
+epoch decodes its batches in worker processes.
 
 With `select_on="val"` a selector handed in by pipeline/ (recipe.Hooks.selector) validates the raw
 and the EMA weights every `eval_every` steps and at each epoch end and keeps the best; it is saved
@@ -39,7 +42,7 @@ from .checkpoint import (
     seed_everything,
 )
 from .config import ExtractConfig, recipe_mismatch
-from .data import video_loader
+from .data import kept_clips, threads_beside_workers, video_loader
 from .distributed import DistInfo, all_gather_objects, barrier, gather_with_local_grad, shard_sampler
 from .model import Stage1Model, contrastive_loss, fingerprint
 from .recipe import Float16Weights, Hooks, RecipeError, freeze, half_parameters, make_optimizer
@@ -155,42 +158,47 @@ def finetune(
     mean, std = torch.tensor(spec.mean, device=device), torch.tensor(spec.std, device=device)
     sampler = shard_sampler(len(paths), info, cfg.seed)
     failed: dict[str, str] = {}
-    model.train()
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        batches = [b for b, _ in zip(_chunks(list(sampler), batch // info.world), range(steps))]
-        loader = video_loader(paths, spec, batch // info.world, cfg.workers, timeout=cfg.decode_timeout, batches=batches)
-        title = f"fine-tune epoch {epoch + 1}/{cfg.epochs}"
-        task = progress.add_task(title, total=len(batches)) if progress else None
-        total, count = 0.0, 0
-        for i, (frames, mask, idx, reasons) in enumerate(loader):
-            ok = mask.any(dim=1)
-            for j in torch.nonzero(~ok).flatten().tolist():
-                failed[str(paths[idx[j]])] = reasons[j]
-            valid = gather_with_local_grad(ok.to(device), info)
-            if valid.sum() >= 2:  # the same decision on every process
-                frames = normalize(frames.to(device, non_blocking=True), mean, std)
-                batch_in = (tokens[idx].to(device), frames, mask.to(device), valid)
-                loss = train_step(net, model, opt, scaler, batch_in, cfg, info, amp, half)
-                total, count = total + loss, count + 1
-                if ema is not None:
-                    ema.update_parameters(model)
-            if sched is not None:
-                sched.step()
-            if selector is not None and i + 1 < len(batches):  # the epoch's last step: validated below
-                selector.step(epoch * steps + i + 1, epoch + 1, candidates)
+    kept = None  # every training video decoded once, when their frames fit cfg.keep_frames (data.KeptClips)
+    if start < cfg.epochs:
+        kept = kept_clips(paths, spec, cfg.keep_frames, cfg.workers, cfg.decode_timeout, progress)
+    # while decoding workers run beside the model, it gets the cores they leave (data.threads_beside_workers)
+    with threads_beside_workers(0 if kept else cfg.workers, device):
+        for epoch in range(start, cfg.epochs):
+            sampler.set_epoch(epoch)
+            batches = [b for b, _ in zip(_chunks(list(sampler), batch // info.world), range(steps))]
+            loader = kept.batches(batches) if kept else video_loader(
+                paths, spec, batch // info.world, cfg.workers, timeout=cfg.decode_timeout, batches=batches)
+            title = f"fine-tune epoch {epoch + 1}/{cfg.epochs}"
+            task = progress.add_task(title, total=len(batches)) if progress else None
+            total, count = 0.0, 0
+            for i, (frames, mask, idx, reasons) in enumerate(loader):
+                ok = mask.any(dim=1)
+                for j in torch.nonzero(~ok).flatten().tolist():
+                    failed[str(paths[idx[j]])] = reasons[j]
+                valid = gather_with_local_grad(ok.to(device), info)
+                if valid.sum() >= 2:  # the same decision on every process
+                    frames = normalize(frames.to(device, non_blocking=True), mean, std)
+                    batch_in = (tokens[idx].to(device), frames, mask.to(device), valid)
+                    loss = train_step(net, model, opt, scaler, batch_in, cfg, info, amp, half)
+                    total, count = total + loss, count + 1
+                    if ema is not None:
+                        ema.update_parameters(model)
+                if sched is not None:
+                    sched.step()
+                if selector is not None and i + 1 < len(batches):  # the epoch's last step: validated below
+                    selector.step(epoch * steps + i + 1, epoch + 1, candidates)
+                if progress:
+                    progress.update(task, advance=1, description=f"{title} loss {total / max(count, 1):.3f}")
             if progress:
-                progress.update(task, advance=1, description=f"{title} loss {total / max(count, 1):.3f}")
-        if progress:
-            progress.remove_task(task)
-        history.append(total / max(count, 1))
-        if selector is not None:
-            selector.epoch_end((epoch + 1) * steps, epoch + 1, candidates)
-        if state_path is not None and info.is_main:
-            extra = {"ema": ema.state_dict() if ema else None,
-                     "selection": selector.state_dict() if selector is not None else None}
-            save_train_state(state_path, model, opt, sched, scaler, epoch + 1, history, cfg, extra)
-        barrier(info)
+                progress.remove_task(task)
+            history.append(total / max(count, 1))
+            if selector is not None:
+                selector.epoch_end((epoch + 1) * steps, epoch + 1, candidates)
+            if state_path is not None and info.is_main:
+                extra = {"ema": ema.state_dict() if ema else None,
+                         "selection": selector.state_dict() if selector is not None else None}
+                save_train_state(state_path, model, opt, sched, scaler, epoch + 1, history, cfg, extra)
+            barrier(info)
     model.set_grad_checkpointing(False)
     if half is not None:
         half.to_float32()  # lossless: the checkpoint holds float32 tensors wherever it was trained

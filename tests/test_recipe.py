@@ -8,30 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffret.extract.backbone import build_clip
 from diffret.extract.config import ExtractConfig, recipe_mismatch
 from diffret.extract.distributed import DistInfo, rank_slice
 from diffret.extract.finetune import batch_loss, global_batch, make_optimizer, warmup_cosine
-from diffret.extract.model import Stage1Model, dual_softmax_loss, info_nce
+from diffret.extract.model import dual_softmax_loss, info_nce
+from tiny_stage1 import tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-def tiny_model(frames: int = 4, seed: int = 0) -> Stage1Model:
-    torch.manual_seed(seed)
-    return Stage1Model(build_clip("tiny", "none"), max_frames=frames)
-
-
-def tiny_batch(n: int = 4, frames: int = 4, words: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(n, words, dtype=torch.long)
-    for i in range(n):
-        k = 3 + i % (words - 3)
-        tokens[i, 0], tokens[i, 1:k - 1], tokens[i, k - 1] = 49406, torch.randint(1, 49000, (k - 2,), generator=g), 49407
-    video = torch.randn(n, frames, 3, 32, 32, generator=g)
-    mask = torch.ones(n, frames, dtype=torch.bool)
-    mask[0, frames // 2:] = False  # a short video: padded slots
-    return tokens, video, mask
 
 
 def test_dual_softmax_loss_matches_its_definition():

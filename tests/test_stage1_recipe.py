@@ -9,34 +9,26 @@ from dataclasses import replace
 import pytest
 import torch
 
-from diffret.extract.backbone import build_clip
 from diffret.extract.config import ExtractConfig, recipe_mismatch
 from diffret.extract.distributed import DistInfo
 from diffret.extract.finetune import train_step
-from diffret.extract.model import Stage1Model
 from diffret.extract.recipe import (
     Float16Weights, Hooks, RecipeError, freeze, half_parameters, lr_groups, make_optimizer)
 from diffret.generator.bert_adam import BertAdam
 from diffret.pipeline.recipes import stage1_bert_adam, stage1_hooks
+
+import tiny_stage1
+from tiny_stage1 import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 HOOKS = Hooks(optimizer=stage1_bert_adam)
 
 
-def tiny_model(seed: int = 0) -> Stage1Model:
-    torch.manual_seed(seed)
-    return Stage1Model(build_clip("tiny", "none"), max_frames=4)
-
-
 def tiny_batch(n: int = 4, frames: int = 4, words: int = 8, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(n, words, dtype=torch.long)
-    for i in range(n):
-        k = 3 + i % (words - 3)
-        tokens[i, 0], tokens[i, 1:k - 1], tokens[i, k - 1] = 49406, torch.randint(1, 49000, (k - 2,), generator=g), 49407
-    video = torch.randn(n, frames, 3, 32, 32, generator=g)
-    return tokens, video, torch.ones(n, frames, dtype=torch.bool), torch.ones(n, dtype=torch.bool)
+    """tiny_stage1's batch, every frame and video valid: -> tokens, video, frame mask, video valid."""
+    tokens, video, mask = tiny_stage1.tiny_batch(n, frames, words, seed, short_first=False)
+    return tokens, video, mask, torch.ones(n, dtype=torch.bool)
 
 
 def setup(recipe="original", lr=1e-2, clip_lr_scale=0.1, total=10, **kw):

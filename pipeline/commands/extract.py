@@ -14,7 +14,7 @@ from .output import console, progress_bar
 
 SETTINGS = ("model", "pretrained", "stage1", "epochs", "batch_size", "recipe", "lr", "clip_lr_scale", "weight_decay",
             "warmup", "grad_clip", "loss", "wti_padding", "select_on", "val_fraction", "eval_every", "ema", "frames", "words", "target_fps", "frame_rule", "frame_padding",
-            "end_second", "workers", "amp", "grad_checkpointing")  # in --help order, after --out
+            "end_second", "workers", "keep_frames", "amp", "grad_checkpointing")  # in --help order, after --out
 
 
 @click.command("extract")
