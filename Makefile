@@ -9,8 +9,8 @@ DEMO := runs/demo
 # from here) both use them; the data sizes are `diffret demo-data`'s defaults. The demo trains the
 # tiny open_clip config from scratch on CPU, so it takes larger steps than the real recipe (which
 # fine-tunes pretrained CLIP at lr 1e-4, CLIP at lr x 1e-3). Why these values, with their
-# measured spread: README.md, "The demo as an instrument".
-DEMO_EXTRACT_FLAGS ?= --model tiny --pretrained none --recipe modern --epochs 10 --frames 8 --batch-size 64 \
+# measured spread: docs/benchmarks.md, "The demo as an instrument".
+DEMO_EXTRACT_FLAGS ?= --model tiny --pretrained none --recipe modern --epochs 16 --frames 8 --batch-size 64 \
 	--lr 1e-3 --clip-lr-scale 1 --fps uniform
 DEMO_GENERATOR_FLAGS ?= --epochs 5 --lr 1e-3
 DEMO_EVAL_FLAGS ?= --steps 50 --top-k 32

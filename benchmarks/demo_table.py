@@ -9,7 +9,8 @@ stage-1 model and caches of seed N, so only stage two varies). A fixed test spli
 paired comparisons on the same queries, as on a real benchmark; the std is what training noise
 alone moves a figure by.
 
-    extract          data/          -> s<s>/cache            (fine-tunes stage one)
+    extract          data/          -> s<s>/cache            (fine-tunes stage one; with --stage1-from DIR,
+                                                              dumps with DIR/s<s>/cache/stage1.pt instead)
     extract --stage1 data-shifted/  -> s<s>/cache-shifted    (the same stage-1 model, no training)
     train-generator  s<s>/cache     -> s<s>/generator
     evaluate --dsl --qb-norm        on s<s>/cache (in domain) and s<s>/cache-shifted (out of domain)
@@ -19,7 +20,8 @@ DEMO_EVAL_FLAGS), which `make demo` uses and this script reads; the data sizes a
 demo-data`'s defaults (pipeline/demo.py DemoConfig).
 
 Usage: python benchmarks/demo_table.py [--out runs/demo-table] [--seeds 0,1,2,3,4]
-Writes OUT/table.md and OUT/table.json.
+Writes OUT/table.md and OUT/table.json: each row's mean +- std over the seeds, and each row minus the same
+seed's discriminative row (the paired effect, whose spread is what a comparison has to beat).
 """
 from __future__ import annotations
 
@@ -99,8 +101,13 @@ def run_seed(out: Path, seed: int, a) -> dict:
     s1 = seed if a.stage1_seed is None else a.stage1_seed  # whose stage-1 model (and caches) to use
     cache, shifted, gen = out / f"s{s1}" / "cache", out / f"s{s1}" / "cache-shifted", d / "generator"
     if not (cache / "manifest.json").is_file():
-        diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data", "--out", cache, "--seed", s1,
-                *shlex.split(a.extract_flags), "--overwrite")
+        if a.stage1_from:  # the stage-1 model of an earlier run (a --stage1-only check on the same training split)
+            diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data", "--out", cache,
+                    "--stage1", a.stage1_from / f"s{s1}" / "cache" / "stage1.pt", *sampling_flags(a.extract_flags),
+                    "--overwrite")
+        else:
+            diffret("extract", "--dataset", "msrvtt", "--data-root", out / "data", "--out", cache, "--seed", s1,
+                    *shlex.split(a.extract_flags), "--overwrite")
     if a.stage1_only:  # the instrument check: stage one's rows in domain, nothing trained after it
         path = d / "in_domain.json"
         if not path.is_file():
@@ -155,6 +162,37 @@ def aggregate(per_seed: list[dict], rows=ROWS) -> dict:
     return table
 
 
+PAIRED = (("t2v", "R@1"), ("v2t", "R@1"), (None, "Rsum"))
+
+
+def paired(per_seed: list[dict], rows=ROWS, base: str = "discriminative") -> dict:
+    """-> {setting: {row: {"t2v R@1": [mean, std], ...}}} of each seed's row minus its own `base` row:
+    the effect of a reviser or the generator on the same stage-1 model and queries, whose spread over
+    seeds is what a comparison between rows has to beat (much less than a row's own spread)."""
+    out = {}
+    for setting in [s for s in ("in_domain", "out_of_domain") if s in per_seed[0]]:
+        out[setting] = {}
+        for row in [r for r in rows if r != base]:
+            cells = {}
+            for d, m in PAIRED:
+                xs = [value(s[setting], row, d, m) - value(s[setting], base, d, m) for s in per_seed]
+                cells[f"{d} {m}" if d else m] = [statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
+            out[setting][row] = cells
+    return out
+
+
+def paired_markdown(diffs: dict, n: int, variant: str = "") -> str:
+    heads = [f"{d} {m}" if d else m for d, m in PAIRED]
+    lines = [f"each row minus the same seed's discriminative row, mean +- std over {n} seeds:", "",
+             "| setting | row | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
+    for setting, rows in diffs.items():
+        for row, c in rows.items():
+            label = f"diffusion ({variant})" if row == "diffusion-variant" else row
+            lines.append(f"| {setting.replace('_', ' ')} | {label} | "
+                         + " | ".join(f"{c[h][0]:+.1f} +- {c[h][1]:.1f}" for h in heads) + " |")
+    return "\n".join(lines + [""])
+
+
 def markdown(table: dict, n: int, variant: str = "") -> str:
     heads = [f"{d} {m}" if d else m for d, m in COLUMNS]
     lines = []
@@ -186,6 +224,10 @@ def main() -> None:
                    help="train-generator flags of an extra diffusion row ('' for none).")
     p.add_argument("--stage1-seed", type=int, default=None,
                    help="Share the stage-1 model of this seed across all seeds (only stage two varies).")
+    p.add_argument("--stage1-from", type=Path, default=None,
+                   help="Take seed s's stage-1 model from DIR/s<s>/cache/stage1.pt (an earlier run of this script "
+                        "with the same extract flags and training split, e.g. a --stage1-only check) and dump the "
+                        "demo set with it instead of training stage one again.")
     p.add_argument("--stage1-only", action="store_true",
                    help="Stage one's rows in domain only (discriminative, dsl, qbnorm): checks the demo's noise.")
     a = p.parse_args()
@@ -193,7 +235,8 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     check_settings(a.out, {"train": a.train, "test": a.test, "data_seed": a.data_seed, "extract": a.extract_flags,
                            "generator": a.generator_flags, "eval": a.eval_flags, "variant": a.variant_flags,
-                           "stage1_seed": a.stage1_seed, "stage1_only": a.stage1_only})
+                           "stage1_seed": a.stage1_seed, "stage1_only": a.stage1_only,
+                           "stage1_from": str(a.stage1_from) if a.stage1_from else None})
     for name, extra in (("data", []), ("data-shifted", ["--shifted"])):
         if not (a.out / name / "demo.json").is_file():  # demo.json is written last
             diffret("demo-data", a.out / name, "--train", a.train, "--test", a.test, "--seed", a.data_seed, *extra)
@@ -202,14 +245,14 @@ def main() -> None:
     rows = ROWS + (("diffusion-variant",) if a.variant_flags else ())
     if a.stage1_only:
         rows = ("discriminative", "dsl", "qbnorm")
-    table = aggregate(per_seed, rows)
-    md = markdown(table, len(seeds), a.variant_flags)
+    table, diffs = aggregate(per_seed, rows), paired(per_seed, rows)
+    md = markdown(table, len(seeds), a.variant_flags) + "\n" + paired_markdown(diffs, len(seeds), a.variant_flags)
     (a.out / "table.md").write_text(md)
     (a.out / "table.json").write_text(json.dumps({
-        "table": table, "per_seed": dict(zip(map(str, seeds), per_seed)), "seeds": seeds,
+        "table": table, "paired": diffs, "per_seed": dict(zip(map(str, seeds), per_seed)), "seeds": seeds,
         "flags": {"extract": a.extract_flags, "generator": a.generator_flags, "eval": a.eval_flags,
                   "variant": a.variant_flags},
-        "stage1_seed": a.stage1_seed,
+        "stage1_seed": a.stage1_seed, "stage1_from": str(a.stage1_from) if a.stage1_from else None,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "seconds": round(time.time() - t0),
         "date": time.strftime("%Y-%m-%d"), "load_average": {"start": load0, "end": list(os.getloadavg())},
     }, indent=2) + "\n")

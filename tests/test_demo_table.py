@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import shlex
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_the_makefile_demo_settings_parse(table):
     assert "--epochs" in shlex.split(flags["DEMO_GENERATOR_FLAGS"])
     epochs = int(toks[toks.index("--epochs") + 1])
     assert epochs >= 1 and ExtractConfig(epochs=epochs, model="tiny", pretrained="none")
-    assert DemoConfig().n_test >= 200 and DemoConfig().n_train >= DemoConfig().n_test
+    assert DemoConfig().n_test >= 1000 and DemoConfig().n_train >= 1000  # the instrument's sizes (docs/benchmarks.md)
 
 
 def test_shifted_dump_samples_as_the_model_did(table):
@@ -57,3 +58,34 @@ def test_resume_refuses_other_settings(table, tmp_path):
     with pytest.raises(SystemExit, match="test"):
         table.check_settings(tmp_path, {**first, "test": 6})
     assert json.loads((tmp_path / "settings.json").read_text()) == first  # nothing overwritten
+
+
+def test_stage1_from_dumps_with_the_earlier_model_instead_of_training(table, tmp_path, monkeypatch):
+    """--stage1-from DIR: seed s's cache is `extract --stage1 DIR/s<s>/cache/stage1.pt` with the
+    model's sampling flags; without it, stage one trains seeded with s."""
+    calls = []
+    monkeypatch.setattr(table, "diffret", lambda *args: calls.append([str(a) for a in args]))
+    a = SimpleNamespace(stage1_seed=None, stage1_only=True, stage1_from=tmp_path / "check",
+                        extract_flags="--model tiny --epochs 16 --frames 8 --fps uniform")
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "in_domain.json").write_text(json.dumps({"results": {"discriminative": {}}}))
+    table.run_seed(tmp_path, 2, a)
+    assert calls[0][:1] == ["extract"] and calls[0][calls[0].index("--stage1") + 1] == str(
+        tmp_path / "check" / "s2" / "cache" / "stage1.pt")
+    assert "--epochs" not in calls[0] and calls[0][-5:] == ["--frames", "8", "--fps", "uniform", "--overwrite"]
+    calls.clear()
+    table.run_seed(tmp_path, 2, SimpleNamespace(**{**vars(a), "stage1_from": None}))
+    assert "--stage1" not in calls[0] and calls[0][calls[0].index("--seed") + 1] == "2" and "--epochs" in calls[0]
+
+
+def test_paired_effects_are_each_seeds_row_minus_its_own_discriminative_row(table):
+    def res(disc, dsl):
+        return {"in_domain": {"discriminative": {"t2v": {"R@1": disc}, "v2t": {"R@1": disc - 1}, "Rsum": 3 * disc},
+                              "dsl": {"t2v": {"R@1": dsl}, "v2t": {"R@1": dsl}, "Rsum": 3 * dsl}}}
+
+    per_seed = [res(60.0, 68.0), res(70.0, 77.0), res(65.0, 74.0)]  # effects 8, 7, 9: a row spread of 5
+    d = table.paired(per_seed, rows=("discriminative", "dsl"))["in_domain"]
+    assert list(d) == ["dsl"]
+    assert d["dsl"]["t2v R@1"] == pytest.approx([8.0, 1.0])
+    assert d["dsl"]["v2t R@1"] == pytest.approx([9.0, 1.0]) and d["dsl"]["Rsum"] == pytest.approx([24.0, 3.0])
+    assert "| in domain | dsl | +8.0 +- 1.0 | +9.0 +- 1.0 | +24.0 +- 3.0 |" in table.paired_markdown({"in_domain": d}, 3)
