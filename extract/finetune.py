@@ -158,6 +158,7 @@ def finetune(
     mean, std = torch.tensor(spec.mean, device=device), torch.tensor(spec.std, device=device)
     sampler = shard_sampler(len(paths), info, cfg.seed)
     failed: dict[str, str] = {}
+    model.train()
     kept = None  # every training video decoded once, when their frames fit cfg.keep_frames (data.KeptClips)
     if start < cfg.epochs:
         kept = kept_clips(paths, spec, cfg.keep_frames, cfg.workers, cfg.decode_timeout, progress)

@@ -69,3 +69,16 @@ def test_stage1_epochs_benchmark_runs(demo_root, tmp_path):
                    check=True, capture_output=True)
     r = json.loads(out.read_text())
     assert r["seconds_per_epoch"]["kept"] > 0 and r["seconds_per_epoch"]["decoded"] > 0 and r["speedup"] > 0
+
+
+def test_finetune_trains_in_train_mode_whatever_mode_the_model_arrives_in(demo_root, tmp_path, monkeypatch):
+    import diffret.extract.finetune as ft
+
+    modes, step = [], ft.train_step
+    monkeypatch.setattr(ft, "train_step", lambda net, model, *a: modes.append(model.training) or step(net, model, *a))
+    tokens, paths = pairs(demo_root, tmp_path)
+    cfg = replace(ExtractConfig(dataset="msrvtt", data_root=".", model="tiny", pretrained="none", recipe="modern"),
+                  epochs=1, batch_size=4, lr=1e-3, clip_lr_scale=1.0, workers=0, words=16, frames=4)
+    model = tiny_model(frames=4).eval()
+    finetune(model, tokens, paths, SPEC, cfg, torch.device("cpu"), log=lambda *a: None)
+    assert modes and all(modes) and not model.training  # trained in train mode, handed back in eval mode
