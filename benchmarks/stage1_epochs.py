@@ -1,7 +1,8 @@
 """Stage-one fine-tuning epochs: training videos decoded once and kept in memory (`--keep-frames`,
 the default) against decoding them again for every caption in every epoch (`--keep-frames 0`).
 
-On a demo set (rendered if absent), `diffret extract` with the demo's stage-one settings runs with
+On a demo set (rendered if absent), `diffret extract` with the demo's stage-one settings (the
+Makefile's DEMO_EXTRACT_FLAGS) runs with
 --epochs E under both settings and once with --epochs 0 (the dump alone); each setting's seconds per
 epoch are (its time - the dump's) / E, from the time the command reports (`... in X s`). The runs
 alternate, so both see the same machine; the ratio is the figure. The two give the same losses at
@@ -17,14 +18,20 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-FLAGS = ["--model", "tiny", "--pretrained", "none", "--recipe", "modern", "--frames", "8", "--batch-size", "64",
-         "--lr", "1e-3", "--clip-lr-scale", "1", "--fps", "uniform"]
+from demo_table import makefile_setting  # benchmarks/demo_table.py, beside this script
+
+
+def demo_flags() -> list[str]:
+    """The Makefile's DEMO_EXTRACT_FLAGS without their --epochs (each run sets its own)."""
+    toks = shlex.split(makefile_setting("DEMO_EXTRACT_FLAGS"))
+    return [t for i, t in enumerate(toks) if t != "--epochs" and (i == 0 or toks[i - 1] != "--epochs")]
 
 
 def diffret(*args) -> str:
@@ -34,7 +41,7 @@ def diffret(*args) -> str:
 
 
 def extract(data: Path, out: Path, epochs: int, keep: float) -> float:
-    text = diffret("extract", "--dataset", "msrvtt", "--data-root", data, "--out", out, *FLAGS, "--epochs", epochs,
+    text = diffret("extract", "--dataset", "msrvtt", "--data-root", data, "--out", out, *demo_flags(), "--epochs", epochs,
                    "--keep-frames", keep, "--overwrite")
     m = re.search(r"in ([0-9.]+) s on", " ".join(text.split()))
     if not m:

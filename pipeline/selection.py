@@ -106,22 +106,24 @@ class Stage1Validation:
     kept (uint8) when they fit `keep_bytes`; else decoded at every validation."""
 
     def __init__(self, tokens, caption_video, paths, spec, cfg, device, keep_bytes: int = 1 << 30):
+        from diffret.extract.data import KeptClips
+
         self.tokens, self.caption_video, self.paths = tokens, torch.as_tensor(caption_video).long(), list(paths)
         self.spec, self.cfg, self.device = spec, cfg, torch.device(device)
-        size = len(self.paths) * spec.n_frames * 3 * spec.size ** 2
-        self.keep, self.kept = size <= keep_bytes, None
+        self.keep, self.kept = KeptClips.nbytes(len(self.paths), spec) <= keep_bytes, None
 
     def _videos(self):
-        from diffret.extract.data import video_loader
+        """[(frames uint8 [B, F, 3, S, S], mask [B, F])] over the videos in order, B <= 64."""
+        from diffret.extract.data import KeptClips, video_loader
 
-        if self.kept is not None:
-            return self.kept
-        batch = max(1, min(self.cfg.batch_size, 64))
-        loader = video_loader(self.paths, self.spec, batch, self.cfg.workers, timeout=self.cfg.decode_timeout)
-        out = [(frames, mask) for frames, mask, _, _ in loader]
-        if self.keep:
-            self.kept = out
-        return out
+        batch, n = max(1, min(self.cfg.batch_size, 64)), len(self.paths)
+        if not self.keep:
+            loader = video_loader(self.paths, self.spec, batch, self.cfg.workers, timeout=self.cfg.decode_timeout)
+            return [(frames, mask) for frames, mask, _, _ in loader]
+        if self.kept is None:  # decoded at the first validation, kept for the others
+            self.kept = KeptClips(self.paths, self.spec, self.cfg.workers, self.cfg.decode_timeout)
+        chunks = [list(range(s, min(s + batch, n))) for s in range(0, n, batch)]
+        return [(frames, mask) for frames, mask, _, _ in self.kept.batches(chunks)]
 
     def __call__(self, modules: dict) -> dict:
         from diffret.extract.video import normalize

@@ -82,3 +82,24 @@ def test_finetune_trains_in_train_mode_whatever_mode_the_model_arrives_in(demo_r
     model = tiny_model(frames=4).eval()
     finetune(model, tokens, paths, SPEC, cfg, torch.device("cpu"), log=lambda *a: None)
     assert modes and all(modes) and not model.training  # trained in train mode, handed back in eval mode
+
+
+def test_stage1_validation_keeps_its_videos_through_kept_clips(demo_root, tmp_path, monkeypatch):
+    """pipeline/selection.py Stage1Validation: kept (one decoding pass, KeptClips) or decoded at every
+    validation, the same metrics."""
+    import diffret.extract.data as data
+    from diffret.pipeline.selection import Stage1Validation
+
+    videos = sorted((demo_root / "videos").glob("*.mp4"))[:5]
+    tokens = get_tokenizer("tiny")([f"caption {i}" for i in range(5)], context_length=16)
+    cfg = replace(ExtractConfig(dataset="msrvtt", data_root=".", model="tiny", pretrained="none"),
+                  batch_size=2, workers=0, words=16, frames=4)
+    model = tiny_model(frames=4).eval()
+    decoded = []
+    loader = data.video_loader
+    monkeypatch.setattr(data, "video_loader", lambda paths, *a, **k: decoded.append(len(paths)) or loader(paths, *a, **k))
+    kept = Stage1Validation(tokens, torch.arange(5), videos, SPEC, cfg, "cpu")
+    again = Stage1Validation(tokens, torch.arange(5), videos, SPEC, cfg, "cpu", keep_bytes=0)
+    first = kept({"model": model})
+    assert kept({"model": model}) == first and decoded == [5]  # decoded once, for the first validation
+    assert again({"model": model}) == first and again({"model": model}) == first and decoded == [5, 5, 5]
